@@ -1,0 +1,297 @@
+"""MCMC kernels for the per-level conditional of DAPS (Zhang et al. 2025, eq. 9):
+
+    pi(x_0) proportional to exp(-w ||A(x_0) - y||^2) p(x_0 | x_t),
+
+with the prior factor chosen by ``prior_solver``:
+
+* gaussian  (DAPS default): p(x_0 | x_t) ~ N(x0hat, r^2 I), x0hat from the PF-ODE, r = sigma_t;
+* score-t:  N(D(x_t, sigma_t), r^2 I);
+* score-min: grad log p = s(x0hat, sigma_min) + (x_t - x_0) / r^2, i.e. N(x_t + r^2 s(x0hat, sigma_min), r^2 I);
+* exact:    p_{sigma_min}(x_0) N(x_t; x_0, r^2 I), the true conditional (score of the prior at each step).
+
+The data weight w is 1 / tau^2 with ``likelihood: official`` (the official DAPS gradient
+-grad ||A x - y||^2 / tau^2, i.e. Gaussian noise of std tau / sqrt(2)) and 1 / (2 tau^2) with
+``likelihood: gaussian`` (noise of std tau). Every kernel targets the same pi for the same config.
+
+Kernels (``mc_algo``) share one step-size meaning, ``lr``: the Langevin step, proposal noise std sqrt(2 lr):
+
+* langevin: unadjusted Langevin (ULA), x += lr grad log pi + sqrt(2 lr) n  (biased, no MH test);
+* hmc:      the official damped Langevin "HMC" (no MH test), kept to reproduce DAPS:
+            v = m v + sqrt(lr) grad + sqrt(2 (1 - m)) n, x += sqrt(lr) v, v ~ N(0, I) at each level;
+* mala:     Langevin proposal + Metropolis-Hastings test (Roberts & Tweedie 1996);
+* hmc_mh:   L leapfrog steps of size sqrt(2 lr), full momentum refresh, MH test (Neal 2011);
+* mh:       random walk x' = x + sqrt(2 lr) n with MH test.
+
+MH kernels return the acceptance rate of each particle over the level's steps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from cores.noise import ParticleNoise, SharedNoise
+
+log = logging.getLogger(__name__)
+Noise = ParticleNoise | SharedNoise
+PRIOR_SOLVERS = ("gaussian", "score-t", "score-min", "exact")
+LIKELIHOODS = {"official": 1.0, "gaussian": 0.5}
+
+
+@dataclass
+class Target:
+    """log pi(x) = -w L(x) - ||x - prior_mean||^2 / (2 r^2)  [+ log p_{s_min}(x) - ||x - x_t||^2 / (2 r^2) when exact].
+
+    ``loss(x)`` is the per-particle ||A(x) - y||^2. For the exact solver, ``prior_score`` (and, for MH
+    kernels, ``prior_log_prob``) of the model at sigma_min replace the Gaussian around prior_mean.
+    """
+
+    loss: Callable[[torch.Tensor], torch.Tensor]
+    data_weight: float
+    r: float
+    prior_mean: torch.Tensor
+    prior_score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prior_log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _prior_grad(self, x: torch.Tensor) -> torch.Tensor:
+        g = (self.prior_mean - x) / self.r**2
+        if self.prior_score is not None:
+            g = g + self.prior_score(x)
+        return g
+
+    def grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad log pi(x), L(x)) per particle."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            loss = self.loss(xg)
+            (g,) = torch.autograd.grad(loss.sum(), xg)
+        return self._prior_grad(x) - self.data_weight * g, loss.detach()
+
+    def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi(x) up to a constant, its gradient, L(x)) per particle."""
+        g, loss = self.grad(x)
+        logp = -self.data_weight * loss - (x - self.prior_mean).pow(2).flatten(1).sum(1) / (2 * self.r**2)
+        if self.prior_score is not None:
+            if self.prior_log_prob is None:
+                raise ValueError("this kernel needs the prior's log-density, which the model does not provide")
+            logp = logp + self.prior_log_prob(x)
+        return logp, g, loss
+
+
+@dataclass
+class KernelOutput:
+    x: torch.Tensor
+    loss: torch.Tensor
+    acceptance: torch.Tensor | None = None
+
+
+def _sqnorm(v: torch.Tensor) -> torch.Tensor:
+    return v.pow(2).flatten(1).sum(1)
+
+
+def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass
+class Kernel:
+    """Base of the kernel role: ``num_steps`` updates per level with step lr(ratio) = lr (1 + ratio (lr_min_ratio - 1))."""
+
+    num_steps: int
+    lr: float
+    lr_min_ratio: float = 1.0
+    needs_log_prob = False
+
+    def lr_at(self, ratio: float) -> float:
+        return self.lr * (1.0 + ratio * (self.lr_min_ratio - 1.0))
+
+    def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        raise NotImplementedError
+
+    def grad_evals(self) -> int:
+        return self.num_steps
+
+
+@dataclass
+class Langevin(Kernel):
+    """Unadjusted Langevin algorithm."""
+
+    def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        loss = None
+        for _ in range(self.num_steps):
+            g, loss = target.grad(x)
+            x = x + lr * g + math.sqrt(2 * lr) * noise.randn_like(x)
+        return KernelOutput(x, loss)
+
+
+@dataclass
+class DampedHMC(Kernel):
+    """The official DAPS 'hmc': underdamped Langevin with momentum m, no Metropolis test."""
+
+    momentum: float = 0.9
+
+    def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        m, h = self.momentum, math.sqrt(lr)
+        v = noise.randn_like(x)
+        loss = None
+        for _ in range(self.num_steps):
+            g, loss = target.grad(x)
+            v = m * v + h * g + math.sqrt(2 * (1 - m)) * noise.randn_like(x)
+            x = x + h * v
+        return KernelOutput(x, loss)
+
+
+@dataclass
+class MALA(Kernel):
+    """Metropolis-adjusted Langevin: proposal N(x + lr g, 2 lr I), MH test with the reverse proposal."""
+
+    needs_log_prob = True
+
+    def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        logp, g, loss = target.log_prob_and_grad(x)
+        accepted = torch.zeros_like(logp)
+        for _ in range(self.num_steps):
+            eps = noise.randn_like(x)
+            prop = x + lr * g + math.sqrt(2 * lr) * eps
+            logp_p, g_p, loss_p = target.log_prob_and_grad(prop)
+            log_q_back = -_sqnorm(x - prop - lr * g_p) / (4 * lr)
+            log_q_fwd = -0.5 * _sqnorm(eps)
+            acc = noise.rand(logp.dtype).log() < (logp_p - logp + log_q_back - log_q_fwd)
+            x = torch.where(_bcast(acc, x), prop, x)
+            g = torch.where(_bcast(acc, g), g_p, g)
+            logp, loss = torch.where(acc, logp_p, logp), torch.where(acc, loss_p, loss)
+            accepted = accepted + acc.to(accepted.dtype)
+        return KernelOutput(x, loss, accepted / self.num_steps)
+
+
+@dataclass
+class LeapfrogHMC(Kernel):
+    """HMC with ``leapfrog_steps`` leapfrog steps of size sqrt(2 lr), unit mass, full momentum refresh, MH test."""
+
+    leapfrog_steps: int = 5
+    needs_log_prob = True
+
+    def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        h = math.sqrt(2 * lr)
+        logp, g, loss = target.log_prob_and_grad(x)
+        accepted = torch.zeros_like(logp)
+        for _ in range(self.num_steps):
+            p = noise.randn_like(x)
+            h0 = -logp + 0.5 * _sqnorm(p)
+            xn, gn = x, g
+            pn = p + 0.5 * h * gn
+            for i in range(self.leapfrog_steps):
+                xn = xn + h * pn
+                logp_n, gn, loss_n = target.log_prob_and_grad(xn)
+                pn = pn + (h if i < self.leapfrog_steps - 1 else 0.5 * h) * gn
+            h1 = -logp_n + 0.5 * _sqnorm(pn)
+            acc = noise.rand(logp.dtype).log() < (h0 - h1)
+            x = torch.where(_bcast(acc, x), xn, x)
+            g = torch.where(_bcast(acc, g), gn, g)
+            logp, loss = torch.where(acc, logp_n, logp), torch.where(acc, loss_n, loss)
+            accepted = accepted + acc.to(accepted.dtype)
+        return KernelOutput(x, loss, accepted / self.num_steps)
+
+    def grad_evals(self) -> int:
+        return self.num_steps * self.leapfrog_steps + 1
+
+
+@dataclass
+class RandomWalkMH(Kernel):
+    """Random-walk Metropolis: x' = x + sqrt(2 lr) n."""
+
+    needs_log_prob = True
+
+    def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        logp, _, loss = target.log_prob_and_grad(x)
+        accepted = torch.zeros_like(logp)
+        for _ in range(self.num_steps):
+            prop = x + math.sqrt(2 * lr) * noise.randn_like(x)
+            logp_p, _, loss_p = target.log_prob_and_grad(prop)
+            acc = noise.rand(logp.dtype).log() < (logp_p - logp)
+            x = torch.where(_bcast(acc, x), prop, x)
+            logp, loss = torch.where(acc, logp_p, logp), torch.where(acc, loss_p, loss)
+            accepted = accepted + acc.to(accepted.dtype)
+        return KernelOutput(x, loss, accepted / self.num_steps)
+
+
+KERNELS: dict[str, type[Kernel]] = {
+    "langevin": Langevin, "hmc": DampedHMC, "mala": MALA, "hmc_mh": LeapfrogHMC, "mh": RandomWalkMH,
+}
+KERNEL_ONLY_KEYS = {"momentum": "hmc", "leapfrog_steps": "hmc_mh"}
+
+
+@dataclass
+class MCMCConfig:
+    """``task.<group>.mcmc_sampler_config``: the kernel and the conditional it targets."""
+
+    num_steps: int
+    lr: float
+    tau: float = 0.01
+    lr_min_ratio: float = 0.01
+    mc_algo: str = "langevin"
+    prior_solver: str = "gaussian"
+    prior_sigma_min: float = 0.01
+    likelihood: str = "official"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "MCMCConfig":
+        cfg = dict(cfg)
+        known = {k: cfg.pop(k) for k in list(cfg) if k in cls.__dataclass_fields__ and k != "extra"}
+        unknown = sorted(set(cfg) - set(KERNEL_ONLY_KEYS))
+        if unknown:
+            raise ValueError(f"unknown mcmc_sampler_config keys {unknown}; known: "
+                             f"{sorted(set(cls.__dataclass_fields__) - {'extra'}) + sorted(KERNEL_ONLY_KEYS)}")
+        out = cls(**known, extra=cfg)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.mc_algo not in KERNELS:
+            raise ValueError(f"unknown mc_algo {self.mc_algo!r}: choose one of {', '.join(KERNELS)}")
+        if self.prior_solver not in PRIOR_SOLVERS:
+            raise ValueError(f"unknown prior_solver {self.prior_solver!r}: choose one of {', '.join(PRIOR_SOLVERS)}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {self.likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
+        if self.num_steps < 1 or self.lr <= 0 or self.tau <= 0:
+            raise ValueError(f"need num_steps >= 1, lr > 0, tau > 0; got {self.num_steps}, {self.lr}, {self.tau}")
+
+    @property
+    def data_weight(self) -> float:
+        """w in exp(-w ||A(x) - y||^2)."""
+        return LIKELIHOODS[self.likelihood] / self.tau**2
+
+    def kernel(self) -> Kernel:
+        kwargs = {}
+        for key, value in self.extra.items():
+            if KERNEL_ONLY_KEYS[key] == self.mc_algo:
+                kwargs[key] = value
+            else:
+                log.warning("mcmc_sampler_config.%s is used only by mc_algo=%s; ignored by %s",
+                            key, KERNEL_ONLY_KEYS[key], self.mc_algo)
+        return KERNELS[self.mc_algo](num_steps=self.num_steps, lr=self.lr, lr_min_ratio=self.lr_min_ratio, **kwargs)
+
+
+def make_target(cfg: MCMCConfig, denoiser: Any, loss: Callable[[torch.Tensor], torch.Tensor], xt: torch.Tensor,
+                x0hat: torch.Tensor, sigma: float) -> Target:
+    """The level's target pi for the configured prior solver (r = sigma_t, as the official DAPS)."""
+    w, r = cfg.data_weight, sigma
+    if cfg.prior_solver == "gaussian":
+        return Target(loss, w, r, x0hat)
+    with torch.no_grad():
+        if cfg.prior_solver == "score-t":
+            return Target(loss, w, r, denoiser.denoise(xt, sigma))
+        if cfg.prior_solver == "score-min":
+            return Target(loss, w, r, xt + r**2 * denoiser.score(x0hat, cfg.prior_sigma_min))
+    s_min = cfg.prior_sigma_min
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return denoiser.score(x, s_min)
+
+    log_prob = (lambda x: denoiser.log_prob(x, s_min)) if denoiser.has_log_prob else None
+    return Target(loss, w, r, xt, score, log_prob)

@@ -1,0 +1,314 @@
+"""Denoisers D(x, sigma) = E[x_0 | x_0 + sigma n = x], with encode/decode for latent models.
+
+* :class:`GaussianMixtureDenoiser`: an analytic prior with the exact denoiser at every sigma;
+* :class:`VPEpsDenoiser`: a diffusers ``UNet2DModel`` trained for DDPM epsilon prediction, behind
+  VP preconditioning (EDM table 1): D(x, sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma));
+* :class:`LatentDenoiser`: such a UNet on the latents of a diffusers ``VQModel`` or ``AutoencoderKL``.
+
+t(sigma) maps a noise level to the network's timestep: :class:`ScheduleTimesteps` inverts the
+checkpoint's own discrete schedule, :class:`VPTimesteps` is the continuous VP map of the official
+pixel checkpoints, t = (M - 1) t_vp(sigma) (also what the official LatentDAPS uses for its LDMs).
+Models are built by name from the model config through :func:`build_model`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from cores.gmm import IsotropicMixture
+from cores.scheduler import vp_sigma, vp_time
+
+log = logging.getLogger(__name__)
+MODELS: dict[str, Callable[..., "Denoiser"]] = {}
+
+
+class Denoiser(torch.nn.Module):
+    """Base class of the denoiser role. ``in_shape`` is one particle's state, ``image_shape`` its image."""
+
+    latent = False
+    in_shape: tuple[int, ...]
+    image_shape: tuple[int, ...]
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """grad log p_sigma(x) = (D(x, sigma) - x) / sigma^2 (Tweedie)."""
+        return (self.denoise(x, sigma) - x) / sigma**2
+
+    def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no log-density (only analytic priors do)")
+
+    @property
+    def has_log_prob(self) -> bool:
+        return type(self).log_prob is not Denoiser.log_prob
+
+    def sigma_at_time(self, t: float) -> float:
+        """Noise level of diffusion time t on the 1000-step DDPM scale (t=1000 noise, t=0 clean)."""
+        return float(vp_sigma(torch.tensor(t / 1000.0, dtype=torch.float64)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+
+def register(name: str) -> Callable[[Callable[..., Denoiser]], Callable[..., Denoiser]]:
+    def wrap(fn: Callable[..., Denoiser]) -> Callable[..., Denoiser]:
+        MODELS[name] = fn
+        return fn
+    return wrap
+
+
+class GaussianMixtureDenoiser(Denoiser):
+    """Exact denoiser of an isotropic Gaussian mixture over images of any shape."""
+
+    def __init__(self, mixture: IsotropicMixture, shape: Sequence[int]):
+        super().__init__()
+        if math.prod(shape) != mixture.dim:
+            raise ValueError(f"mixture has dimension {mixture.dim}, shape {tuple(shape)} has {math.prod(shape)}")
+        self.in_shape = self.image_shape = tuple(int(s) for s in shape)
+        self.register_buffer("weights", mixture.weights.float())
+        self.register_buffer("means", mixture.means.float())
+        self.register_buffer("stds", mixture.stds.float())
+
+    @property
+    def mixture(self) -> IsotropicMixture:
+        return IsotropicMixture(self.weights, self.means, self.stds)
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.mixture.denoise(x.flatten(1), sigma).view_as(x)
+
+    def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.mixture.log_prob(x.flatten(1), sigma)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        mix = IsotropicMixture(self.weights.cpu().double(), self.means.cpu().double(), self.stds.cpu().double())
+        x, labels = mix.sample(n, generator)
+        return x.float().view(n, *self.in_shape), labels
+
+
+def blob_patterns(n: int, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """n images in [-1, 1]: a dark background with three smooth bright bumps in the central half."""
+    c, h, w = shape
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    out = torch.zeros(n, c, h, w)
+    for i in range(n):
+        for _ in range(3):
+            cy, cx = (torch.rand(2, generator=generator) - 0.5).tolist()
+            width = 0.15 + 0.2 * float(torch.rand((), generator=generator))
+            amp = 0.5 + 0.5 * torch.rand(c, 1, 1, generator=generator)
+            out[i] += amp * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
+    return out.clamp(0, 1) * 2 - 1
+
+
+@register("gmm")
+def gmm_model(shape: Sequence[int], num_components: int = 2, component_std: float = 0.05, twins: bool = True,
+              seed: int = 0, **unused: Any) -> GaussianMixtureDenoiser:
+    """Mixture of ``num_components`` blob images (and, with ``twins``, their 180-degree rotations), equal weights."""
+    if unused:
+        raise ValueError(f"unknown gmm model keys: {sorted(unused)}")
+    g = torch.Generator().manual_seed(int(seed))
+    means = blob_patterns(num_components, shape, g)
+    if twins:
+        means = torch.cat([means, means.flip(-2, -1)])
+    k = means.shape[0]
+    mix = IsotropicMixture(torch.full((k,), 1.0 / k), means.flatten(1), torch.full((k,), float(component_std)))
+    return GaussianMixtureDenoiser(mix, shape)
+
+
+class ScheduleTimesteps:
+    """sigma <-> timestep of a discrete DDPM schedule: sigma_t = sqrt((1 - abar_t) / abar_t), log-linear between steps."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.log_sigmas = 0.5 * torch.log((1 - alphas_cumprod.double()) / alphas_cumprod.double())
+        self.num_train_timesteps = len(self.log_sigmas)
+        self.sigma_max = float(self.log_sigmas[-1].exp())
+        self.sigma_min = float(self.log_sigmas[0].exp())
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        ls = self.log_sigmas.to(sigma.device)
+        s = sigma.double().clamp(self.sigma_min, self.sigma_max).log()
+        idx = torch.searchsorted(ls, s.contiguous()).clamp(1, len(ls) - 1)
+        lo, hi = ls[idx - 1], ls[idx]
+        return (idx - 1 + (s - lo) / (hi - lo)).float()
+
+    def sigma(self, t: float) -> float:
+        t = min(max(float(t), 0.0), len(self.log_sigmas) - 1.0)
+        lo = int(math.floor(t))
+        hi = min(lo + 1, len(self.log_sigmas) - 1)
+        return float(((1 - (t - lo)) * self.log_sigmas[lo] + (t - lo) * self.log_sigmas[hi]).exp())
+
+
+class VPTimesteps:
+    """The continuous VP map of the official ADM checkpoints: t = (M - 1) t_vp(sigma), beta 0.1 / 19.9, M = 1000."""
+
+    def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, num_train_timesteps: int = 1000):
+        self.beta_min, self.beta_d, self.num_train_timesteps = beta_min, beta_d, num_train_timesteps
+        self.sigma_max = float(vp_sigma(torch.tensor(1.0, dtype=torch.float64), beta_min, beta_d))
+        self.sigma_min = 0.0
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return ((self.num_train_timesteps - 1) * vp_time(sigma.double(), self.beta_min, self.beta_d)).float()
+
+    def sigma(self, t: float) -> float:
+        return float(vp_sigma(torch.tensor(t / (self.num_train_timesteps - 1), dtype=torch.float64), self.beta_min, self.beta_d))
+
+
+def ddpm_alphas_cumprod(beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                        num_train_timesteps: int = 1000) -> torch.Tensor:
+    """abar_t of the DDPM schedules we train and convert: linear, scaled_linear (LDM's sqrt-linear), cosine."""
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    elif beta_schedule in ("cosine", "squaredcos_cap_v2"):
+        f = lambda t: math.cos((t / n + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731  (Nichol & Dhariwal eq. 17)
+        betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(n)], dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}: choose linear, scaled_linear or cosine")
+    return torch.cumprod(1 - betas, 0)
+
+
+SIGMA_MAPPINGS = ("schedule", "vp", "daps_official")
+
+
+def timestep_map(mapping: str, alphas_cumprod: torch.Tensor | None) -> ScheduleTimesteps | VPTimesteps:
+    if mapping == "schedule":
+        if alphas_cumprod is None:
+            raise ValueError("sigma_mapping 'schedule' needs the checkpoint's noise schedule")
+        return ScheduleTimesteps(alphas_cumprod)
+    if mapping in ("vp", "daps_official"):
+        return VPTimesteps()
+    raise ValueError(f"unknown sigma_mapping {mapping!r}: choose one of {', '.join(SIGMA_MAPPINGS)}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VPEpsDenoiser(Denoiser):
+    """D(x, sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)) for an epsilon-prediction UNet.
+
+    ``eps_channels`` keeps the first channels of the output (ADM's learned-sigma nets output 2C).
+    ``dtype`` runs the network under autocast on CUDA (bfloat16/float16); the ODE stays in float32.
+    """
+
+    def __init__(self, net: torch.nn.Module, timesteps: ScheduleTimesteps | VPTimesteps, shape: Sequence[int],
+                 eps_channels: int | None = None, dtype: str = "float32"):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"model dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.net, self.timesteps = net.eval().requires_grad_(False), timesteps
+        self.in_shape = self.image_shape = tuple(int(s) for s in shape)
+        self.eps_channels = eps_channels or self.in_shape[0]
+        self.dtype = DTYPES[dtype]
+
+    def eps(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.net(x_in, t)
+        return (out.sample if hasattr(out, "sample") else out)[:, : self.eps_channels]
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        t = self.timesteps.timestep(s.reshape(-1)).expand(x.shape[0])
+        x_in = x / math.sqrt(1.0 + float(sigma) ** 2)
+        use_autocast = self.dtype != torch.float32 and x.device.type == "cuda"
+        with torch.autocast("cuda", dtype=self.dtype, enabled=use_autocast):
+            eps = self.eps(x_in, t)
+        return x - float(sigma) * eps.float()
+
+    def sigma_at_time(self, t: float) -> float:
+        return self.timesteps.sigma(t * (self.timesteps.num_train_timesteps - 1) / 1000.0)
+
+
+class LatentDenoiser(Denoiser):
+    """A latent-space denoiser with an autoencoder: x = decode(z) = AE.decode(z / latent_scale)."""
+
+    latent = True
+
+    def __init__(self, unet: VPEpsDenoiser, autoencoder: torch.nn.Module, image_shape: Sequence[int],
+                 latent_scale: float = 1.0, quantize: bool = True):
+        super().__init__()
+        self.unet, self.autoencoder = unet, autoencoder.eval().requires_grad_(False)
+        self.in_shape = unet.in_shape
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.latent_scale, self.quantize = float(latent_scale), bool(quantize)
+        self.is_vq = hasattr(autoencoder, "quantize")
+
+    def denoise(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.unet.denoise(z, sigma)
+
+    def sigma_at_time(self, t: float) -> float:
+        return self.unet.sigma_at_time(t)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Image of a latent; VQ latents snap to the nearest codebook vector with a straight-through gradient."""
+        h = z / self.latent_scale
+        if self.is_vq:
+            return self.autoencoder.decode(h, force_not_quantize=not self.quantize).sample
+        return self.autoencoder.decode(h).sample
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.autoencoder.encode(x)
+        h = enc.latents if self.is_vq else enc.latent_dist.mode()
+        return h * self.latent_scale
+
+
+def _missing(path: Path, what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{what} not found: {path.resolve()}. Train a prior with scripts/train_prior.py, convert an official "
+        f"checkpoint with scripts/convert_checkpoint.py, or point model.path at an existing folder.")
+
+
+@register("diffusers")
+def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "float32", quantize: bool = True,
+                    **unused: Any) -> Denoiser:
+    """A pixel or latent model saved by our scripts: ``denoiser.json`` + ``unet/`` (+ ``vqvae/`` or ``vae/``).
+
+    ``denoiser.json`` holds kind ('pixel' | 'latent'), image_shape, the DDPM beta schedule, the default
+    sigma_mapping and, for latent models, autoencoder ('vq' | 'kl') and latent_scale.
+    """
+    if unused:
+        raise ValueError(f"unknown diffusers model keys: {sorted(unused)}")
+    from diffusers import AutoencoderKL, UNet2DModel, VQModel
+
+    root = Path(path)
+    meta_path = root / "denoiser.json"
+    if not meta_path.is_file():
+        raise _missing(meta_path, "model folder (denoiser.json)")
+    meta = json.loads(meta_path.read_text())
+    unet = UNet2DModel.from_pretrained(str(root / "unet"), use_safetensors=True)
+    abar = ddpm_alphas_cumprod(**meta["schedule"])
+    mapping = timestep_map(sigma_mapping or meta.get("sigma_mapping", "schedule"), abar)
+    latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    eps_net = VPEpsDenoiser(unet, mapping, latent_shape, dtype=dtype)
+    if meta["kind"] == "pixel":
+        return eps_net
+    if meta["kind"] != "latent":
+        raise ValueError(f"{meta_path}: kind must be 'pixel' or 'latent', got {meta['kind']!r}")
+    ae_cls, sub = (VQModel, "vqvae") if meta["autoencoder"] == "vq" else (AutoencoderKL, "vae")
+    ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True)
+    return LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
+
+
+def build_model(cfg: dict, device: torch.device | str = "cpu") -> Denoiser:
+    """Model from its config: ``name`` picks the builder, the other keys are its arguments."""
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
+    model = MODELS[name](**cfg)
+    return model.to(device)
+

@@ -1,0 +1,148 @@
+"""Noise-level schedules and probability-flow ODE solvers.
+
+Everything here works in the variance-exploding parametrisation of EDM (Karras et al. 2022):
+x_sigma = x_0 + sigma * n.  A schedule is a decreasing 1-D float64 tensor of noise levels; the
+PF-ODE in this parametrisation is (EDM eq. 4 with s(t) = 1, sigma(t) = t)
+
+    dx / dsigma = (x - D(x, sigma)) / sigma,
+
+so VP, VE and EDM schedules differ only in where they place the levels.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoise = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def parse_poly(timestep: str) -> float:
+    """'poly-7' -> 7.0 (the exponent rho of EDM eq. 5)."""
+    kind, _, rho = timestep.partition("-")
+    if kind != "poly" or not rho:
+        raise ValueError(f"timestep must look like 'poly-7', got {timestep!r}")
+    return float(rho)
+
+
+def edm_sigmas(num_steps: int, sigma_max: float, sigma_min: float, timestep: str = "poly-7") -> torch.Tensor:
+    """EDM eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, both ends included."""
+    rho = parse_poly(timestep)
+    r = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def ve_sigmas(num_steps: int, sigma_max: float, sigma_min: float) -> torch.Tensor:
+    """Song et al. 2021 VE SDE: geometric levels sigma_max (sigma_min / sigma_max)^(i/(N-1))."""
+    r = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return sigma_max * (sigma_min / sigma_max) ** r
+
+
+def vp_sigma(t: torch.Tensor, beta_min: float = 0.1, beta_d: float = 19.9) -> torch.Tensor:
+    """VP SDE noise level in the VE parametrisation: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    return torch.sqrt(torch.expm1(0.5 * beta_d * t**2 + beta_min * t))
+
+
+def vp_time(sigma: torch.Tensor, beta_min: float = 0.1, beta_d: float = 19.9) -> torch.Tensor:
+    """Inverse of :func:`vp_sigma` (EDM appendix, VP preconditioning): t in [0, 1]."""
+    return (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
+
+
+def vp_sigmas(num_steps: int, sigma_max: float, sigma_min: float, beta_min: float = 0.1,
+              beta_d: float = 19.9) -> torch.Tensor:
+    """VP levels: sigma(t) at t uniform between t(sigma_max) and t(sigma_min)."""
+    t_max = vp_time(torch.tensor(sigma_max, dtype=torch.float64), beta_min, beta_d)
+    t_min = vp_time(torch.tensor(sigma_min, dtype=torch.float64), beta_min, beta_d)
+    return vp_sigma(torch.linspace(float(t_max), float(t_min), num_steps, dtype=torch.float64), beta_min, beta_d)
+
+
+def sigma_schedule(name: str, num_steps: int, sigma_max: float, sigma_min: float, timestep: str = "poly-7",
+                   **vp_kwargs: float) -> torch.Tensor:
+    """Levels of the named schedule ('edm', 've' or 'vp') from sigma_max down to sigma_min, both included."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not sigma_max >= sigma_min > 0:
+        raise ValueError(f"need sigma_max >= sigma_min > 0, got {sigma_max} and {sigma_min}")
+    if num_steps == 1:
+        return torch.tensor([float(sigma_max)], dtype=torch.float64)
+    if name == "edm":
+        return edm_sigmas(num_steps, sigma_max, sigma_min, timestep)
+    if name == "ve":
+        return ve_sigmas(num_steps, sigma_max, sigma_min)
+    if name == "vp":
+        return vp_sigmas(num_steps, sigma_max, sigma_min, **vp_kwargs)
+    raise ValueError(f"unknown schedule {name!r}: choose one of edm, ve, vp")
+
+
+def _drift(denoise: Denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return (x - denoise(x, sigma)) / sigma
+
+
+def euler_step(denoise: Denoise, x: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
+    """One explicit Euler step of the PF-ODE from s to s_next."""
+    return x + (s_next - s) * _drift(denoise, x, s)
+
+
+def heun_step(denoise: Denoise, x: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
+    """Heun's 2nd-order step (EDM Algorithm 1, no churn); Euler when s_next is 0."""
+    h = s_next - s
+    d = _drift(denoise, x, s)
+    x_euler = x + h * d
+    if s_next == 0:
+        return x_euler
+    return x + 0.5 * h * (d + _drift(denoise, x_euler, s_next))
+
+
+def rk4_step(denoise: Denoise, x: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
+    """Classical 4th-order Runge-Kutta step of the PF-ODE (needs s_next > 0)."""
+    h = s_next - s
+    k1 = _drift(denoise, x, s)
+    k2 = _drift(denoise, x + 0.5 * h * k1, s + 0.5 * h)
+    k3 = _drift(denoise, x + 0.5 * h * k2, s + 0.5 * h)
+    k4 = _drift(denoise, x + h * k3, s_next)
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+SOLVERS = {"euler": euler_step, "heun": heun_step, "rk4": rk4_step}
+EVALS_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}
+
+
+class PFODE:
+    """Reverse PF-ODE from a level sigma down to ``sigma_min`` in ``num_steps`` steps of the given solver.
+
+    The grid of each solve is an EDM poly-rho schedule from sigma to sigma_min (the official DAPS
+    diffusion scheduler). A level already at or below sigma_min needs no integration: x is returned.
+    """
+
+    def __init__(self, num_steps: int = 5, sigma_min: float = 0.01, timestep: str = "poly-7",
+                 solver: str = "euler", name: str = "edm"):
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown ODE solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+        if name != "edm":
+            raise ValueError(f"diffusion_scheduler_config.name must be 'edm', got {name!r}")
+        if num_steps < 1:
+            raise ValueError(f"diffusion_scheduler_config.num_steps must be >= 1, got {num_steps}")
+        parse_poly(timestep)
+        self.num_steps, self.sigma_min, self.timestep, self.solver = num_steps, sigma_min, timestep, solver
+        self.step = SOLVERS[solver]
+
+    def grid(self, sigma: float) -> list[float]:
+        if sigma <= self.sigma_min:
+            return [sigma]
+        return edm_sigmas(self.num_steps + 1, sigma, self.sigma_min, self.timestep).tolist()
+
+    def network_evals(self, sigma: float) -> int:
+        return (len(self.grid(sigma)) - 1) * EVALS_PER_STEP[self.solver]
+
+    @torch.no_grad()
+    def solve(self, denoise: Denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        grid = self.grid(sigma)
+        for s, s_next in zip(grid[:-1], grid[1:]):
+            x = self.step(denoise, x, s, s_next)
+        return x
+
+
+def step_ratio(step: int, num_levels: int) -> float:
+    """Progress through the annealing used for step-size decay: step / (T - 1), 0 for a single level."""
+    return step / (num_levels - 1) if num_levels > 1 else 0.0
+
