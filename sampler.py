@@ -45,7 +45,7 @@ class Particles:
     index: list[int]
 
     def select(self, keep: list[int]) -> "Particles":
-        idx = torch.tensor(keep, device=self.x.device)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.x.device)
         return Particles(self.x.index_select(0, idx), self.y.index_select(0, idx), self.noise.select(keep),
                          [self.index[i] for i in keep])
 
@@ -126,11 +126,12 @@ class DAPS:
             if callback:
                 callback(event)
             keep = [i for i, v in enumerate(ok) if v]
-            for i, v in enumerate(ok):
-                if not v:
-                    status[state.index[i]], stopped_at[state.index[i]] = "nonfinite", step
-                    log.warning("particle %d produced NaN/Inf at level %d (sigma=%.4g): stopped and excluded",
-                                state.index[i], step, sigma)
+            dead = [state.index[i] for i, v in enumerate(ok) if not v]
+            for p in dead:
+                status[p], stopped_at[p] = "nonfinite", step
+            if dead:
+                log.warning("%d particle(s) produced NaN/Inf at level %d (sigma=%.4g) and were stopped: %s%s",
+                            len(dead), step, sigma, dead[:8], " ..." if len(dead) > 8 else "")
             state.x = x_next
             if len(keep) < len(ok):
                 state = state.select(keep)

@@ -46,6 +46,12 @@ class IsotropicMixture:
         sigma2 = var - s2
         return (g * (sigma2 / var)) @ self.means.to(x) + (g * (s2 / var)).sum(1, keepdim=True) * x
 
+    def score(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """grad log p_sigma(x) = sum_k g_k(x) (mu_k - x) / v_k, exact also at sigma = 0."""
+        log_r, var = self._log_resp(x, sigma)
+        g = torch.softmax(log_r, dim=1) / var
+        return g @ self.means.to(x) - g.sum(1, keepdim=True) * x
+
     def log_prob(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
         """log p_sigma(x) for x of shape (B, d)."""
         log_r, _ = self._log_resp(x, sigma)

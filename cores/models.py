@@ -91,6 +91,9 @@ class GaussianMixtureDenoiser(Denoiser):
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         return self.mixture.denoise(x.flatten(1), sigma).view_as(x)
 
+    def score(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.mixture.score(x.flatten(1), sigma).view_as(x)
+
     def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         return self.mixture.log_prob(x.flatten(1), sigma)
 
