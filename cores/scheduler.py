@@ -25,11 +25,15 @@ def parse_poly(timestep: str) -> float:
     return float(rho)
 
 
-def edm_sigmas(num_steps: int, sigma_max: float, sigma_min: float, timestep: str = "poly-7") -> torch.Tensor:
+def poly_levels(num_steps: int, sigma_max: float, sigma_min: float, rho: float) -> list[float]:
     """EDM eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, both ends included."""
-    rho = parse_poly(timestep)
-    r = torch.linspace(0, 1, num_steps, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(a + i / (num_steps - 1) * (b - a)) ** rho for i in range(num_steps)]
+
+
+def edm_sigmas(num_steps: int, sigma_max: float, sigma_min: float, timestep: str = "poly-7") -> torch.Tensor:
+    """EDM eq. 5 as a float64 tensor (see :func:`poly_levels`)."""
+    return torch.tensor(poly_levels(num_steps, sigma_max, sigma_min, parse_poly(timestep)), dtype=torch.float64)
 
 
 def ve_sigmas(num_steps: int, sigma_max: float, sigma_min: float) -> torch.Tensor:
@@ -122,14 +126,14 @@ class PFODE:
             raise ValueError(f"diffusion_scheduler_config.name must be 'edm', got {name!r}")
         if num_steps < 1:
             raise ValueError(f"diffusion_scheduler_config.num_steps must be >= 1, got {num_steps}")
-        parse_poly(timestep)
+        self.rho = parse_poly(timestep)
         self.num_steps, self.sigma_min, self.timestep, self.solver = num_steps, sigma_min, timestep, solver
         self.step = SOLVERS[solver]
 
     def grid(self, sigma: float) -> list[float]:
         if sigma <= self.sigma_min:
             return [sigma]
-        return edm_sigmas(self.num_steps + 1, sigma, self.sigma_min, self.timestep).tolist()
+        return poly_levels(self.num_steps + 1, sigma, self.sigma_min, self.rho)
 
     def network_evals(self, sigma: float) -> int:
         return (len(self.grid(sigma)) - 1) * EVALS_PER_STEP[self.solver]

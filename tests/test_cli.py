@@ -1,0 +1,173 @@
+"""posterior_sample.py as the user runs it: override style, every output file, fail-fast errors, Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["sampler.annealing_scheduler_config.num_steps=4", "sampler.diffusion_scheduler_config.num_steps=2",
+        "show_progress=false", "gpu=-1"]
+
+
+def cli(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, str(ROOT / "posterior_sample.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def data_args(image_dir: Path, n: int = 1) -> list[str]:
+    return ["+data.name=image", f"+data.root={image_dir}", "+data.resolution=16", "+data.start_id=0",
+            f"+data.end_id={n}"]
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory, pixel_model_dir, latent_model_dir, image_dir) -> Path:
+    """Extra config groups (found through hydra.searchpath) so the tests type +data=... +model=... like the user."""
+    root = tmp_path_factory.mktemp("configs")
+    (root / "model").mkdir()
+    (root / "data").mkdir()
+    (root / "model" / "tiny_pixel.yaml").write_text(f"name: diffusers\npath: {pixel_model_dir}\n")
+    (root / "model" / "tiny_latent.yaml").write_text(f"name: diffusers\npath: {latent_model_dir}\n")
+    (root / "data" / "tiny.yaml").write_text(f"name: image\nroot: {image_dir}\nresolution: 16\nstart_id: 0\nend_id: 1\n")
+    return root
+
+
+def check_outputs(root: Path, images: int, particles: int, levels: int, latent: bool, runs: int = 1) -> dict:
+    for name in ("config.yaml", "events.jsonl", "timing.json", "metrics.json", "eval.md", "grid_results.png", "run.log"):
+        assert (root / name).is_file(), name
+    events = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()]
+    assert len(events) == levels * runs * -(-images // 10)  # a line per level, per run and chunk (batch_size 10)
+    for ev in events:
+        assert {"step", "sigma", "next_sigma", "acceptance", "loss", "loss_per_particle", "elapsed_sec",
+                "phase"} <= set(ev)
+        assert ev["loss"]["n"] == images * particles // runs
+    assert events[-1]["next_sigma"] == 0
+    timing = json.loads((root / "timing.json").read_text())
+    assert {"total_wall_sec", "per_image_sec", "ode_steps", "anneal_steps_cfg", "used_anneal_steps",
+            "phases"} <= set(timing)
+    assert timing["anneal_steps_cfg"] == timing["used_anneal_steps"] == levels
+    assert timing["phases"]["explore"]["steps"] == levels * runs and timing["phases"]["explore"]["wall_sec"] > 0
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["num_images_done"] == images
+    assert metrics["sampler"]["latent"] is latent
+    assert set(metrics["eval"]) == {"psnr", "ssim", "lpips"}
+    assert metrics["eval"]["lpips"]["available"] or metrics["eval"]["lpips"]["reason"]
+    assert {"name", "type", "versions"} <= set(metrics["device"]) and "explore" in metrics["peak_memory"]
+    for img in metrics["images"]:
+        assert len(img["particles"]) == particles
+        for p in img["particles"]:
+            assert p["status"] == "ok" and isinstance(p["psnr"], float) and isinstance(p["ssim"], float)
+            assert isinstance(p["meas_err"], float)
+        for m in ("psnr", "ssim", "meas_err"):
+            assert {"max", "mean", "std", "best", "n"} <= set(img["summary"][m])
+        assert (root / "per_image" / f"{img['index']:05d}.json").is_file()
+    assert "psnr" in metrics["aggregate"] and "best_of_n" in metrics["aggregate"]["psnr"]
+    assert len(list((root / "samples").glob("*.png"))) == images * particles
+    assert "| psnr |" in (root / "eval.md").read_text()
+    return metrics
+
+
+def test_pixel_run_in_the_users_override_style(tmp_path, config_dir):
+    r = cli([f"hydra.searchpath=[file://{config_dir}]", "+data=tiny", "+model=tiny_pixel",
+             "+task=phase_retrieval", "+sampler=edm_daps", "task_group=pixel_hmc",
+             "+sampler.diffusion_scheduler_config.solver=euler", "num_samples=4", f"save_dir={tmp_path}",
+             "name=pixel", "save_traj=true", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = check_outputs(tmp_path / "pixel", images=1, particles=4, levels=4, latent=False)
+    assert metrics["sampler"]["mc_algo"] == "hmc" and metrics["sampler"]["ode_solver"] == "euler"
+    cfg = yaml.safe_load((tmp_path / "pixel" / "config.yaml").read_text())
+    assert cfg["task_group"] == "pixel_hmc" and cfg["sampler"]["diffusion_scheduler_config"]["solver"] == "euler"
+    assert len(list((tmp_path / "pixel" / "trajectory").glob("*.png"))) == 4
+
+
+def test_latent_run(tmp_path, config_dir):
+    r = cli([f"hydra.searchpath=[file://{config_dir}]", "+data=tiny", "+model=tiny_latent", "+task=phase_retrieval", "+sampler=latent_edm_daps", "task_group=ldm", "num_samples=4",
+             f"save_dir={tmp_path}", "name=latent", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_outputs(tmp_path / "latent", images=1, particles=4, levels=4, latent=True)
+
+
+def test_gmm_toy_with_runs_and_heun(tmp_path):
+    r = cli(["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps", "task_group=pixel_hmc",
+             "data.end_id=2", "num_samples=2", "num_runs=2", "+sampler.diffusion_scheduler_config.solver=heun",
+             f"save_dir={tmp_path}", "name=toy", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = check_outputs(tmp_path / "toy", images=2, particles=4, levels=4, latent=False, runs=2)
+    assert metrics["eval"]["lpips"]["available"] is False and "32 px" in metrics["eval"]["lpips"]["reason"]
+    assert [p["run"] for p in metrics["images"][0]["particles"]] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task_group=pixel_hmcc"], "task_group=pixel_hmcc is not defined"),
+    (["repulsion_scale=0.5"], "not implemented yet"),
+    (["pruning_step=200"], "not implemented yet"),
+    (["num_samples=0"], "num_samples must be a positive integer"),
+    (["+sampler.diffusion_scheduler_config.solver=rk5"], "unknown ODE solver"),
+    (["task.pixel_hmc.mcmc_sampler_config.mc_algo=ula"], "unknown mc_algo"),
+    (["++sampler.k2_scheduler_config.name=k2"], "not implemented yet"),
+])
+def test_bad_configuration_fails_before_compute(tmp_path, args, message):
+    r = cli(["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps", "task_group=pixel_hmc",
+             f"save_dir={tmp_path}", "name=bad", *FAST, *args])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unknown_key_is_rejected_by_hydra(tmp_path):
+    r = cli(["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps",
+             "sampler.annealing_scheduler_config.num_stepz=3", f"save_dir={tmp_path}", *FAST])
+    assert r.returncode != 0 and "num_stepz" in r.stderr
+
+
+def test_missing_files_say_where_they_were_looked_for(tmp_path, image_dir):
+    r = cli(["+model.name=diffusers", f"+model.path={tmp_path}/no_such_model", *data_args(image_dir),
+             "+task=phase_retrieval", "+sampler=edm_daps", f"save_dir={tmp_path}", *FAST])
+    assert r.returncode == 2 and f"{tmp_path}/no_such_model" in r.stderr and "train_prior.py" in r.stderr
+    r = cli(["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps", "data.resolution=32",
+             f"save_dir={tmp_path}", *FAST])
+    assert r.returncode == 2 and "resolution" in r.stderr
+    r = cli(["+model=gmm_toy", "+data.name=image", f"+data.root={tmp_path}/nowhere", "+data.resolution=16",
+             "+task=phase_retrieval", "+sampler=edm_daps", f"save_dir={tmp_path}", *FAST])
+    assert r.returncode == 2 and f"{tmp_path}/nowhere" in r.stderr
+
+
+def test_existing_results_are_not_overwritten(tmp_path):
+    args = ["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps", "data.end_id=1",
+            f"save_dir={tmp_path}", "name=once", "eval_fn_list=[psnr]", *FAST]
+    assert cli(args).returncode == 0
+    stamp = (tmp_path / "once" / "metrics.json").stat().st_mtime_ns
+    r = cli(args)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert (tmp_path / "once" / "metrics.json").stat().st_mtime_ns == stamp
+    assert cli([*args, "overwrite=true"]).returncode == 0
+
+
+def test_interrupt_leaves_metrics_and_timing(tmp_path):
+    args = ["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps", "task_group=pixel_hmc",
+            "batch_size=1", "num_samples=2", "eval_fn_list=[psnr]", "show_progress=false", "gpu=-1",
+            "sampler.annealing_scheduler_config.num_steps=60", f"save_dir={tmp_path}", "name=stop"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "posterior_sample.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "stop" / "per_image" / "00000.json"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), proc.stderr.read() if proc.poll() is not None else "timed out"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    metrics = json.loads((tmp_path / "stop" / "metrics.json").read_text())
+    timing = json.loads((tmp_path / "stop" / "timing.json").read_text())
+    assert metrics["status"] == timing["status"] == "interrupted"
+    assert 1 <= metrics["num_images_done"] < 4 and timing["images_done"] == metrics["num_images_done"]
+    assert timing["total_wall_sec"] > 0 and "explore" in timing["phases"]

@@ -1,0 +1,98 @@
+"""Forward operators: batching, seeded measurement, the 180-degree twin, gradients (gradcheck in float64)."""
+import copy
+
+import pytest
+import torch
+
+from cores.operators import (DenseGaussian, DownSampling, GaussianBlur, Inpainting, LatentOperator, PhaseRetrieval,
+                             build_operator, linear_matrix)
+
+OPERATORS = {
+    "phase_retrieval": lambda: PhaseRetrieval(oversample=2.0),
+    "inpainting_box": lambda: Inpainting("box", resolution=8, mask_len_range=(3, 4), seed=1),
+    "inpainting_random": lambda: Inpainting("random", resolution=8, mask_prob_range=(0.5, 0.51), seed=1),
+    "down_sampling": lambda: DownSampling(scale_factor=2),
+    "gaussian_blur": lambda: GaussianBlur(kernel_size=5, intensity=1.0),
+    "dense_gaussian": lambda: DenseGaussian(num_measurements=20, dim=3 * 8 * 8, seed=1),
+}
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_gradcheck_float64(name):
+    op = OPERATORS[name]().double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 1.6 - 0.8
+    assert torch.autograd.gradcheck(op, (x.requires_grad_(True),), eps=1e-6, atol=1e-5)
+    y = op(torch.rand(2, 3, 8, 8, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda v: op.loss(v, y), (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_batched_equals_per_element_and_gradient_is_per_element(name):
+    op = OPERATORS[name]()
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    out = op(x)
+    for i in range(3):
+        torch.testing.assert_close(out[i:i + 1], op(x[i:i + 1]), rtol=1e-5, atol=1e-6)
+    y = op(torch.rand(3, 3, 8, 8) * 2 - 1)
+    grad, loss = op.gradient(x, y)
+    assert loss.shape == (3,)
+    for i in range(3):
+        g_i, l_i = op.gradient(x[i:i + 1], y[i:i + 1])
+        torch.testing.assert_close(grad[i:i + 1], g_i, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss[i:i + 1], l_i, rtol=1e-5, atol=1e-6)
+
+
+def test_phase_retrieval_geometry_and_twin():
+    op = PhaseRetrieval(oversample=2.0)
+    assert op(torch.zeros(1, 3, 256, 256)).shape == (1, 3, 384, 384)  # 64 px of padding per side
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    torch.testing.assert_close(op(x), op(x.flip(-2, -1)), rtol=1e-4, atol=1e-5)
+    # orthonormal FFT: Parseval on the padded [0, 1] image
+    torch.testing.assert_close(op(x).pow(2).sum((1, 2, 3)), (x * 0.5 + 0.5).pow(2).sum((1, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_phase_retrieval_magnitude_has_zero_gradient_at_zero():
+    op = PhaseRetrieval(oversample=0.0)
+    x = torch.full((1, 1, 4, 4), -1.0, dtype=torch.float64, requires_grad=True)  # all zeros after the [0,1] map
+    op(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_measure_is_seeded_per_image():
+    op = PhaseRetrieval()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    gens = lambda a, b: [torch.Generator().manual_seed(a), torch.Generator().manual_seed(b)]  # noqa: E731
+    y1, y2 = op.measure(x, gens(1, 2)), op.measure(x, gens(1, 3))
+    torch.testing.assert_close(y1[0], y2[0])
+    assert not torch.allclose(y1[1], y2[1])
+    torch.testing.assert_close(op.measure(x[:1], gens(1, 2)[:1])[0], y1[0])
+    assert (y1 - op(x)).std() == pytest.approx(0.05, rel=0.2)
+
+
+def test_linear_matrix_reproduces_the_operator():
+    op = Inpainting("random", resolution=4, mask_prob_range=(0.5, 0.51), seed=3)
+    m = linear_matrix(op, (1, 4, 4))
+    x = torch.randn(1, 1, 4, 4)
+    torch.testing.assert_close((m.float() @ x.flatten()).view(1, 1, 4, 4), op(x))
+    assert op.mask.dtype == torch.float32  # building the matrix left the operator untouched
+
+
+def test_latent_operator_composes_decode():
+    op = DownSampling(scale_factor=2)
+    lat = LatentOperator(op, lambda z: z.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    z = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(lat(z), op(z.repeat_interleave(2, -1).repeat_interleave(2, -2)))
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="unknown operator"):
+        build_operator({"name": "nope"})
+    with pytest.raises(ValueError, match="bad arguments"):
+        build_operator({"name": "phase_retrieval", "oversampel": 2})
+    with pytest.raises(ValueError, match="resolution"):
+        Inpainting("box", resolution=8, mask_len_range=(3, 4)).check_input((3, 16, 16))
+    with pytest.raises(ValueError, match="divisible"):
+        DownSampling(scale_factor=4).check_input((3, 10, 10))
+    op = copy.deepcopy(build_operator({"name": "inpainting", "mask_type": "random", "resolution": 8}, seed=5))
+    op2 = build_operator({"name": "inpainting", "mask_type": "random", "resolution": 8}, seed=5)
+    assert torch.equal(op.mask, op2.mask)
