@@ -11,7 +11,6 @@ chunk starts; Ctrl-C leaves metrics.json and timing.json for what finished.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import sys
 import time

@@ -33,7 +33,7 @@ class IsotropicMixture:
     def _log_resp(self, x: torch.Tensor, sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised log responsibilities (B, K) at noise level sigma, and the variances (K,)."""
         mu = self.means.to(x)
-        var = self.stds.to(x) ** 2 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2
+        var = self.stds.to(x) ** 2 + sigma**2
         sq = (x * x).sum(1, keepdim=True) - 2 * x @ mu.T + (mu * mu).sum(1)
         log_r = self.weights.to(x).log() - 0.5 * sq.clamp_min(0) / var - 0.5 * self.dim * var.log()
         return log_r, var

@@ -98,7 +98,7 @@ def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Kernel:
-    """Base of the kernel role: ``num_steps`` updates per level with step lr(ratio) = lr (1 + ratio (lr_min_ratio - 1))."""
+    """Base of the kernel role: ``num_steps`` updates per level with step lr (1 + ratio (lr_min_ratio - 1))."""
 
     num_steps: int
     lr: float

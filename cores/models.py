@@ -12,6 +12,7 @@ Models are built by name from the model config through :func:`build_model`.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cores.gmm import IsotropicMixture
-from cores.scheduler import vp_sigma, vp_time
+from cores.scheduler import vp_sigma
 
 log = logging.getLogger(__name__)
 MODELS: dict[str, Callable[..., "Denoiser"]] = {}
@@ -133,20 +134,20 @@ def gmm_model(shape: Sequence[int], num_components: int = 2, component_std: floa
 
 
 class ScheduleTimesteps:
-    """sigma <-> timestep of a discrete DDPM schedule: sigma_t = sqrt((1 - abar_t) / abar_t), log-linear between steps."""
+    """sigma <-> timestep of a DDPM schedule: sigma_t = sqrt((1 - abar_t) / abar_t), log-linear between steps."""
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         self.log_sigmas = 0.5 * torch.log((1 - alphas_cumprod.double()) / alphas_cumprod.double())
         self.num_train_timesteps = len(self.log_sigmas)
+        self.log_list = self.log_sigmas.tolist()
         self.sigma_max = float(self.log_sigmas[-1].exp())
         self.sigma_min = float(self.log_sigmas[0].exp())
 
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        ls = self.log_sigmas.to(sigma.device)
-        s = sigma.double().clamp(self.sigma_min, self.sigma_max).log()
-        idx = torch.searchsorted(ls, s.contiguous()).clamp(1, len(ls) - 1)
-        lo, hi = ls[idx - 1], ls[idx]
-        return (idx - 1 + (s - lo) / (hi - lo)).float()
+    def timestep(self, sigma: float) -> float:
+        s = math.log(min(max(float(sigma), self.sigma_min), self.sigma_max))
+        idx = min(max(bisect.bisect_left(self.log_list, s), 1), len(self.log_list) - 1)
+        lo, hi = self.log_list[idx - 1], self.log_list[idx]
+        return idx - 1 + (s - lo) / (hi - lo)
 
     def sigma(self, t: float) -> float:
         t = min(max(float(t), 0.0), len(self.log_sigmas) - 1.0)
@@ -163,11 +164,13 @@ class VPTimesteps:
         self.sigma_max = float(vp_sigma(torch.tensor(1.0, dtype=torch.float64), beta_min, beta_d))
         self.sigma_min = 0.0
 
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return ((self.num_train_timesteps - 1) * vp_time(sigma.double(), self.beta_min, self.beta_d)).float()
+    def timestep(self, sigma: float) -> float:
+        t_vp = (math.sqrt(self.beta_min**2 + 2 * self.beta_d * math.log1p(sigma**2)) - self.beta_min) / self.beta_d
+        return (self.num_train_timesteps - 1) * t_vp
 
     def sigma(self, t: float) -> float:
-        return float(vp_sigma(torch.tensor(t / (self.num_train_timesteps - 1), dtype=torch.float64), self.beta_min, self.beta_d))
+        t_vp = torch.tensor(t / (self.num_train_timesteps - 1), dtype=torch.float64)
+        return float(vp_sigma(t_vp, self.beta_min, self.beta_d))
 
 
 def ddpm_alphas_cumprod(beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -224,8 +227,7 @@ class VPEpsDenoiser(Denoiser):
         return (out.sample if hasattr(out, "sample") else out)[:, : self.eps_channels]
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-        t = self.timesteps.timestep(s.reshape(-1)).expand(x.shape[0])
+        t = torch.full((x.shape[0],), self.timesteps.timestep(float(sigma)), device=x.device)
         x_in = x / math.sqrt(1.0 + float(sigma) ** 2)
         use_autocast = self.dtype != torch.float32 and x.device.type == "cuda"
         with torch.autocast("cuda", dtype=self.dtype, enabled=use_autocast):

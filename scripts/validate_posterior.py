@@ -25,7 +25,7 @@ Errors: mean = ||m_hat - m|| / sqrt(tr C); cov = ||C_hat - C||_F / ||C||_F; mode
 between the fractions of samples assigned to each posterior component and the same fractions for
 exact samples. The 'exact draws' rows are the floor: the errors of as many exact samples.
 
-    python scripts/validate_posterior.py [--particles 1000] [--seed 0]   (about 6 minutes on 2 CPU cores)
+    python scripts/validate_posterior.py [--particles 1000] [--seed 0]   (about 10 minutes on 2 CPU cores)
 """
 from __future__ import annotations
 

@@ -36,12 +36,13 @@ def config_dir(tmp_path_factory, pixel_model_dir, latent_model_dir, image_dir) -
     (root / "data").mkdir()
     (root / "model" / "tiny_pixel.yaml").write_text(f"name: diffusers\npath: {pixel_model_dir}\n")
     (root / "model" / "tiny_latent.yaml").write_text(f"name: diffusers\npath: {latent_model_dir}\n")
-    (root / "data" / "tiny.yaml").write_text(f"name: image\nroot: {image_dir}\nresolution: 16\nstart_id: 0\nend_id: 1\n")
+    (root / "data" / "tiny.yaml").write_text(f"name: image\nroot: {image_dir}\nresolution: 16\nend_id: 1\n")
     return root
 
 
 def check_outputs(root: Path, images: int, particles: int, levels: int, latent: bool, runs: int = 1) -> dict:
-    for name in ("config.yaml", "events.jsonl", "timing.json", "metrics.json", "eval.md", "grid_results.png", "run.log"):
+    for name in ("config.yaml", "events.jsonl", "timing.json", "metrics.json", "eval.md", "grid_results.png",
+                 "run.log"):
         assert (root / name).is_file(), name
     events = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()]
     assert len(events) == levels * runs * -(-images // 10)  # a line per level, per run and chunk (batch_size 10)
@@ -89,7 +90,8 @@ def test_pixel_run_in_the_users_override_style(tmp_path, config_dir):
 
 
 def test_latent_run(tmp_path, config_dir):
-    r = cli([f"hydra.searchpath=[file://{config_dir}]", "+data=tiny", "+model=tiny_latent", "+task=phase_retrieval", "+sampler=latent_edm_daps", "task_group=ldm", "num_samples=4",
+    r = cli([f"hydra.searchpath=[file://{config_dir}]", "+data=tiny", "+model=tiny_latent", "+task=phase_retrieval",
+             "+sampler=latent_edm_daps", "task_group=ldm", "num_samples=4",
              f"save_dir={tmp_path}", "name=latent", *FAST])
     assert r.returncode == 0, r.stderr[-3000:]
     check_outputs(tmp_path / "latent", images=1, particles=4, levels=4, latent=True)
@@ -103,6 +105,13 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
     metrics = check_outputs(tmp_path / "toy", images=2, particles=4, levels=4, latent=False, runs=2)
     assert metrics["eval"]["lpips"]["available"] is False and "32 px" in metrics["eval"]["lpips"]["reason"]
     assert [p["run"] for p in metrics["images"][0]["particles"]] == [0, 0, 1, 1]
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_events.py"), str(tmp_path / "toy")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count("propagates=True, monotone=True") == 2, check.stdout
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "parse_metrics.py"), str(tmp_path / "toy"),
+                            "--csv", str(tmp_path / "t.csv")], capture_output=True, text=True)
+    assert table.returncode == 0 and "| toy | complete | 2 | 4 |" in table.stdout, table.stdout + table.stderr
+    assert (tmp_path / "t.csv").read_text().startswith("run,status,images")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -46,10 +46,11 @@ def test_linear_posterior_single_gaussian_against_formula():
 def test_timestep_maps_invert_and_agree():
     sched = ScheduleTimesteps(ddpm_alphas_cumprod("linear"))
     for t in (10.0, 250.5, 900.0):
-        assert float(sched.timestep(torch.tensor([sched.sigma(t)]))) == pytest.approx(t, abs=1e-3)
+        assert sched.timestep(sched.sigma(t)) == pytest.approx(t, abs=1e-3)
     vp = VPTimesteps()
-    s = torch.tensor([0.05, 0.5, 5.0, 50.0])
-    assert torch.allclose(sched.timestep(s), vp.timestep(s), atol=3.0)  # DDPM linear ~ continuous VP
+    for s in (0.05, 0.5, 5.0, 50.0):
+        assert sched.timestep(s) == pytest.approx(vp.timestep(s), abs=3.0)  # DDPM linear ~ continuous VP
+        assert vp.sigma(vp.timestep(s)) == pytest.approx(s, rel=1e-6)
 
 
 class ConstEps(torch.nn.Module):
@@ -79,7 +80,7 @@ def test_diffusers_folder_round_trip(pixel_model_dir):
     d = build_model({"name": "diffusers", "path": str(pixel_model_dir)})
     net = UNet2DModel.from_pretrained(pixel_model_dir / "unet")
     x = torch.randn(2, 3, 16, 16)
-    t = d.timesteps.timestep(torch.tensor([1.0])).expand(2)
+    t = torch.full((2,), d.timesteps.timestep(1.0))
     torch.testing.assert_close(d.denoise(x, 1.0), x - net(x / 2**0.5, t).sample)
     assert d.image_shape == (3, 16, 16) and not d.latent
 

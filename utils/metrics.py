@@ -72,7 +72,7 @@ class Evaluator:
         self.lpips = None
         if "lpips" in self.names:
             if min(h, w) < LPIPS_MIN_SIZE:
-                self.unavailable["lpips"] = f"images of {h}x{w} px are smaller than AlexNet's {LPIPS_MIN_SIZE} px minimum"
+                self.unavailable["lpips"] = f"images of {h}x{w} px are below AlexNet's {LPIPS_MIN_SIZE} px minimum"
             else:
                 self.lpips, reason = load_lpips(device)
                 if reason:
@@ -101,5 +101,5 @@ class Evaluator:
             rgb = (lambda t: t.expand(-1, 3, -1, -1)) if a.shape[1] == 1 else (lambda t: t)
             out["lpips"] = self.lpips(rgb(a * 2 - 1), rgb(b * 2 - 1)).flatten().tolist()
         if meas_err is not None:
-            out["meas_err"] = meas_err(x.clamp(-1, 1)).tolist()
+            out["meas_err"] = meas_err((a * 2 - 1).to(x.device)).tolist()
         return out
