@@ -173,22 +173,6 @@ class VPTimesteps:
         return float(vp_sigma(t_vp, self.beta_min, self.beta_d))
 
 
-def ddpm_alphas_cumprod(beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
-                        num_train_timesteps: int = 1000) -> torch.Tensor:
-    """abar_t of the DDPM schedules we train and convert: linear, scaled_linear (LDM's sqrt-linear), cosine."""
-    n = num_train_timesteps
-    if beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
-    elif beta_schedule in ("cosine", "squaredcos_cap_v2"):
-        f = lambda t: math.cos((t / n + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731  (Nichol & Dhariwal eq. 17)
-        betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(n)], dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown beta_schedule {beta_schedule!r}: choose linear, scaled_linear or cosine")
-    return torch.cumprod(1 - betas, 0)
-
-
 SIGMA_MAPPINGS = ("schedule", "vp", "daps_official")
 
 
@@ -280,14 +264,15 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
 @register("diffusers")
 def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "float32", quantize: bool = True,
                     **unused: Any) -> Denoiser:
-    """A pixel or latent model saved by our scripts: ``denoiser.json`` + ``unet/`` (+ ``vqvae/`` or ``vae/``).
+    """A pixel or latent model folder: ``denoiser.json``, ``unet/``, ``scheduler/`` (+ ``vqvae/`` or ``vae/``).
 
-    ``denoiser.json`` holds kind ('pixel' | 'latent'), image_shape, the DDPM beta schedule, the default
-    sigma_mapping and, for latent models, autoencoder ('vq' | 'kl') and latent_scale.
+    ``denoiser.json`` holds kind ('pixel' | 'latent'), image_shape, the default sigma_mapping and, for
+    latent models, autoencoder ('vq' | 'kl') and latent_scale; ``scheduler/`` is the diffusers
+    DDPMScheduler the UNet was trained with (its alphas_cumprod map sigma to the timestep).
     """
     if unused:
         raise ValueError(f"unknown diffusers model keys: {sorted(unused)}")
-    from diffusers import AutoencoderKL, UNet2DModel, VQModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel, VQModel
 
     root = Path(path)
     meta_path = root / "denoiser.json"
@@ -295,7 +280,7 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
         raise _missing(meta_path, "model folder (denoiser.json)")
     meta = json.loads(meta_path.read_text())
     unet = UNet2DModel.from_pretrained(str(root / "unet"), use_safetensors=True)
-    abar = ddpm_alphas_cumprod(**meta["schedule"])
+    abar = DDPMScheduler.from_pretrained(str(root / "scheduler")).alphas_cumprod
     mapping = timestep_map(sigma_mapping or meta.get("sigma_mapping", "schedule"), abar)
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     eps_net = VPEpsDenoiser(unet, mapping, latent_shape, dtype=dtype)

@@ -37,8 +37,10 @@ def tiny_vq(channels: int, seed: int = 0):
 
 def save_model(root: Path, kind: str, channels: int = 3, size: int = 16) -> Path:
     """A random-weight model folder in the layout of cores.models.diffusers_model."""
-    meta = {"kind": kind, "image_shape": [channels, size, size],
-            "schedule": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_train_timesteps": 1000}}
+    from diffusers import DDPMScheduler
+
+    meta = {"kind": kind, "image_shape": [channels, size, size]}
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(root / "scheduler")
     if kind == "pixel":
         tiny_unet(channels, size).save_pretrained(root / "unet", safe_serialization=True)
     else:

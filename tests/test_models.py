@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from cores.gmm import IsotropicMixture, linear_posterior
-from cores.models import (GaussianMixtureDenoiser, ScheduleTimesteps, VPEpsDenoiser, VPTimesteps, build_model,
-                          ddpm_alphas_cumprod, gmm_model)
+from cores.models import GaussianMixtureDenoiser, ScheduleTimesteps, VPEpsDenoiser, VPTimesteps, build_model, gmm_model
 
 
 def test_gmm_denoiser_single_gaussian_closed_form():
@@ -44,7 +43,9 @@ def test_linear_posterior_single_gaussian_against_formula():
 
 
 def test_timestep_maps_invert_and_agree():
-    sched = ScheduleTimesteps(ddpm_alphas_cumprod("linear"))
+    from diffusers import DDPMScheduler
+
+    sched = ScheduleTimesteps(DDPMScheduler(beta_schedule="linear").alphas_cumprod)
     for t in (10.0, 250.5, 900.0):
         assert sched.timestep(sched.sigma(t)) == pytest.approx(t, abs=1e-3)
     vp = VPTimesteps()
