@@ -17,8 +17,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python posterior_sample.py +data=gmm-toy +model=gmm_toy +task=phase_retrieval +sampler=edm_daps \
-		task_group=pixel_hmc num_samples=4 name=demo overwrite=true gpu=-1
+	$(BIN)/python posterior_sample.py +data=test-fmnist +model=fmnist32ddpm +task=phase_retrieval +sampler=edm_daps \
+		task_group=fmnist_pixel num_samples=4 data.end_id=1 name=demo overwrite=true gpu=-1
 	@cat results/demo/eval.md
 
 lpips-weights: setup

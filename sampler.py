@@ -28,7 +28,7 @@ from cores.models import Denoiser
 from cores.noise import ParticleNoise, SharedNoise
 from cores.operators import LatentOperator, Operator
 from cores.scheduler import PFODE, sigma_schedule, step_ratio
-from utils.device import to_host
+from utils.device import index_tensor, to_host
 
 log = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], None]
@@ -45,7 +45,7 @@ class Particles:
     index: list[int]
 
     def select(self, keep: list[int]) -> "Particles":
-        idx = torch.tensor(keep, dtype=torch.long, device=self.x.device)
+        idx = index_tensor(keep, self.x.device)
         return Particles(self.x.index_select(0, idx), self.y.index_select(0, idx), self.noise.select(keep),
                          [self.index[i] for i in keep])
 
@@ -147,7 +147,7 @@ class DAPS:
         if state.index:
             with torch.no_grad():
                 final = denoiser.decode(state.x) if self.latent else state.x
-            out[torch.tensor(state.index, device=out.device)] = final.detach().to(out.dtype)
+            out[index_tensor(state.index, out.device)] = final.detach().to(out.dtype)
         return SampleResult(out, status, stopped_at, used_levels=step + 1, levels=self.levels[: step + 1])
 
 

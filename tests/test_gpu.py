@@ -34,21 +34,35 @@ def test_loop_syncs_only_through_to_host(kind, algo, pixel_model_dir, latent_mod
     assert res.status == ["ok"] * 4 and torch.isfinite(res.x).all()
 
 
-def test_batch_invariance_on_cuda(pixel_model_dir):
+@pytest.mark.parametrize("tf32", [False, True])
+def test_batch_invariance_on_cuda(pixel_model_dir, tf32, capsys):
+    """fp32 convolutions: a particle's result does not depend on its batch (to rounding). With cuDNN's default TF32
+    convolutions the per-batch-size kernels round differently and the chaotic dynamics amplify it: measured, not hidden."""
     dev = torch.device("cuda")
-    d = build_model({"name": "diffusers", "path": str(pixel_model_dir)}, dev)
-    s = DAPS(ANNEAL, ODE, {**MCMC, "mc_algo": "hmc", "momentum": 0.5})
-    op = PhaseRetrieval().to(dev)
-    y = op(torch.rand(1, 3, 16, 16, device=dev) * 2 - 1)
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        d = build_model({"name": "diffusers", "path": str(pixel_model_dir)}, dev)
+        s = DAPS(ANNEAL, ODE, {**MCMC, "mc_algo": "hmc", "momentum": 0.5})
+        op = PhaseRetrieval().to(dev)
+        y = op(torch.rand(1, 3, 16, 16, device=dev, generator=torch.Generator(dev).manual_seed(0)) * 2 - 1)
 
-    def run(seeds):
-        noise = ParticleNoise(seeds, dev)
-        return s.sample(d, op, y.expand(len(seeds), -1, -1, -1).clone(), s.initial_state(noise, d.in_shape, dev),
-                        noise).x
+        def run(seeds):
+            noise = ParticleNoise(seeds, dev)
+            return s.sample(d, op, y.expand(len(seeds), -1, -1, -1).clone(), s.initial_state(noise, d.in_shape, dev),
+                            noise).x
 
-    together = run([7, 8, 9])
-    for k, seed in enumerate([7, 8, 9]):
-        torch.testing.assert_close(together[k:k + 1], run([seed]), rtol=1e-3, atol=1e-3)
+        together = run([7, 8, 9])
+        alone = torch.cat([run([seed]) for seed in (7, 8, 9)])
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    diff = float((together - alone).abs().max())
+    with capsys.disabled():
+        print(f"\nbatch invariance on CUDA, TF32 convolutions {'on' if tf32 else 'off'}: max |together - alone| = {diff:.2e}")
+    if not tf32:
+        assert diff < 1e-3
+    else:
+        assert diff < 0.1
 
 
 def test_cli_on_cuda_records_peak_memory(tmp_path):

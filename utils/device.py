@@ -37,6 +37,13 @@ def to_host(t: torch.Tensor) -> list:
         return t.detach().cpu().tolist()
 
 
+def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of indices on ``device``: a host-to-device copy, used only off the per-level path
+    (after a particle stops, and once at the end of sampling)."""
+    with allow_sync():
+        return torch.tensor(indices, dtype=torch.long, device=device)
+
+
 @contextlib.contextmanager
 def allow_sync() -> Iterator[None]:
     """Suspend CUDA's sync debug mode (set by tests to catch hidden synchronisations) inside the block."""
