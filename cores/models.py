@@ -189,18 +189,26 @@ def timestep_map(mapping: str, alphas_cumprod: torch.Tensor | None) -> ScheduleT
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def autocast(dtype: torch.dtype, device: torch.device):
+    """bfloat16 / float16 autocast on CUDA; a no-op context for float32 or other devices."""
+    return torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
+
+
 class VPEpsDenoiser(Denoiser):
     """D(x, sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)) for an epsilon-prediction UNet.
 
     ``eps_channels`` keeps the first channels of the output (ADM's learned-sigma nets output 2C).
     ``dtype`` runs the network under autocast on CUDA (bfloat16/float16); the ODE stays in float32.
+    ``channels_last`` stores the weights in NHWC (faster convolutions on tensor cores).
     """
 
     def __init__(self, net: torch.nn.Module, timesteps: ScheduleTimesteps | VPTimesteps, shape: Sequence[int],
-                 eps_channels: int | None = None, dtype: str = "float32"):
+                 eps_channels: int | None = None, dtype: str = "float32", channels_last: bool = False):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"model dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
         self.net, self.timesteps = net.eval().requires_grad_(False), timesteps
         self.in_shape = self.image_shape = tuple(int(s) for s in shape)
         self.eps_channels = eps_channels or self.in_shape[0]
@@ -213,8 +221,7 @@ class VPEpsDenoiser(Denoiser):
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         t = torch.full((x.shape[0],), self.timesteps.timestep(float(sigma)), device=x.device)
         x_in = x / math.sqrt(1.0 + float(sigma) ** 2)
-        use_autocast = self.dtype != torch.float32 and x.device.type == "cuda"
-        with torch.autocast("cuda", dtype=self.dtype, enabled=use_autocast):
+        with autocast(self.dtype, x.device):
             eps = self.eps(x_in, t)
         return x - float(sigma) * eps.float()
 
@@ -243,11 +250,15 @@ class LatentDenoiser(Denoiser):
         return self.unet.sigma_at_time(t)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Image of a latent; VQ latents snap to the nearest codebook vector with a straight-through gradient."""
+        """Image of a latent (float32); VQ latents snap to the nearest codebook vector with a straight-through
+        gradient. Runs under the UNet's autocast dtype."""
         h = z / self.latent_scale
-        if self.is_vq:
-            return self.autoencoder.decode(h, force_not_quantize=not self.quantize).sample
-        return self.autoencoder.decode(h).sample
+        with autocast(self.unet.dtype, z.device):
+            if self.is_vq:
+                x = self.autoencoder.decode(h, force_not_quantize=not self.quantize).sample
+            else:
+                x = self.autoencoder.decode(h).sample
+        return x.float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         enc = self.autoencoder.encode(x)
@@ -263,7 +274,7 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
 
 @register("diffusers")
 def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "float32", quantize: bool = True,
-                    **unused: Any) -> Denoiser:
+                    channels_last: bool = False, **unused: Any) -> Denoiser:
     """A pixel or latent model folder: ``denoiser.json``, ``unet/``, ``scheduler/`` (+ ``vqvae/`` or ``vae/``).
 
     ``denoiser.json`` holds kind ('pixel' | 'latent'), image_shape, the default sigma_mapping and, for
@@ -283,7 +294,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     abar = DDPMScheduler.from_pretrained(str(root / "scheduler")).alphas_cumprod
     mapping = timestep_map(sigma_mapping or meta.get("sigma_mapping", "schedule"), abar)
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    eps_net = VPEpsDenoiser(unet, mapping, latent_shape, dtype=dtype)
+    eps_net = VPEpsDenoiser(unet, mapping, latent_shape, eps_channels=meta.get("eps_channels"), dtype=dtype,
+                            channels_last=channels_last)
     if meta["kind"] == "pixel":
         return eps_net
     if meta["kind"] != "latent":
@@ -291,6 +303,32 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     ae_cls, sub = (VQModel, "vqvae") if meta["autoencoder"] == "vq" else (AutoencoderKL, "vae")
     ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True)
     return LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
+
+
+def _official(kind: str, checkpoint: str, architecture: dict, converted: str, download: str = "",
+              allow_unsafe_pickle: bool = False, **kwargs: Any) -> Denoiser:
+    from cores.convert import cached_conversion
+
+    try:
+        folder = cached_conversion(kind, Path(checkpoint), architecture, Path(converted), allow_unsafe_pickle)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}. {download}".strip()) from err
+    return diffusers_model(str(folder), **kwargs)
+
+
+@register("adm")
+def adm_model(checkpoint: str, architecture: dict, converted: str, sigma_mapping: str | None = "vp",
+              **kwargs: Any) -> Denoiser:
+    """An official ADM pixel checkpoint (guided-diffusion), converted on first use into ``converted``."""
+    return _official("adm", checkpoint, architecture, converted, sigma_mapping=sigma_mapping, **kwargs)
+
+
+@register("ldm")
+def ldm_model(checkpoint: str, architecture: dict, converted: str, sigma_mapping: str | None = "schedule",
+              **kwargs: Any) -> Denoiser:
+    """An official LDM checkpoint (UNet + VQ-f4), converted on first use; sigma_mapping 'schedule' uses the
+    checkpoint's sqrt-linear betas, 'daps_official' the pixel VP map of the official LatentDAPS."""
+    return _official("ldm", checkpoint, architecture, converted, sigma_mapping=sigma_mapping, **kwargs)
 
 
 def build_model(cfg: dict, device: torch.device | str = "cpu") -> Denoiser:

@@ -1,0 +1,131 @@
+"""Conversion of the official checkpoints, checked on fixtures made with the reference implementations
+(../shared/fixtures/checkpoints, see DESIGN.md) and on the full-size key manifests."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cores import convert
+from cores.models import VPEpsDenoiser, VPTimesteps, build_model
+
+FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "checkpoints"
+pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not found at {FIX}")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def fixture(name):
+    return json.loads((FIX / f"{name}.json").read_text())
+
+
+def test_adm_tiny_unet_and_vp_denoiser_match_the_reference(tmp_path):
+    arch = fixture("adm_tiny64")["config"]
+    io = torch.load(FIX / "adm_tiny64_io.pt", weights_only=True)
+    folder = convert.convert_adm(FIX / "adm_tiny64.pt", arch, tmp_path / "adm")
+    model = build_model({"name": "diffusers", "path": str(folder)})
+    with torch.no_grad():
+        out = model.net(io["x"], io["timesteps"].float()).sample
+        assert rel(out, io["unet_out"]) < 1e-5
+        for i in range(2):
+            d = model.denoise(io["x"][i:i + 1], float(io["sigma"][i]))
+            assert rel(d, io["denoised"][i:i + 1]) < 1e-5
+    assert isinstance(model, VPEpsDenoiser) and isinstance(model.timesteps, VPTimesteps) and model.eps_channels == 3
+
+
+def test_ldm_tiny_unet_decode_encode_match_the_reference(tmp_path):
+    cfg = fixture("ldm_vq_tiny")
+    io = torch.load(FIX / "ldm_vq_tiny_io.pt", weights_only=True)
+    arch = {"unet_config": cfg["unet_config"], "first_stage_config": cfg["first_stage_config"]}
+    folder = convert.convert_ldm(FIX / "ldm_vq_tiny.ckpt", arch, tmp_path / "ldm")
+    model = build_model({"name": "diffusers", "path": str(folder)})
+    raw = build_model({"name": "diffusers", "path": str(folder), "quantize": False})
+    with torch.no_grad():
+        assert rel(model.unet.net(io["z"], io["timesteps"].float()).sample, io["unet_out"]) < 1e-5
+        assert rel(model.decode(io["z"]), io["decoded"]) < 1e-5
+        assert rel(raw.decode(io["z"]), io["decoded_without_quantize"]) < 1e-5
+        assert rel(model.encode(io["image"]), io["encoded"]) < 1e-5
+    meta = json.loads((folder / "denoiser.json").read_text())
+    assert meta["kind"] == "latent" and meta["latent_scale"] == 1.0 and meta["sigma_mapping"] == "schedule"
+    official = build_model({"name": "diffusers", "path": str(folder), "sigma_mapping": "daps_official"})
+    assert isinstance(official.unet.timesteps, VPTimesteps)
+    assert model.unet.timesteps.timestep(1.0) != pytest.approx(official.unet.timesteps.timestep(1.0), abs=1.0)
+
+
+def manifest_state(name):
+    """Random tensors on the meta device, one per entry of a full-size key manifest."""
+    return {k: torch.empty(v, device="meta") for k, v in json.loads((FIX / f"{name}.json").read_text()).items()}
+
+
+@pytest.mark.parametrize("manifest, config", [("adm_ffhq256_keys", "ffhq256ddpm"),
+                                              ("adm_imagenet256_keys", "imagenet256ddpm")])
+def test_full_size_adm_manifests_map_every_tensor(manifest, config):
+    import yaml
+
+    arch = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())["architecture"]
+    spec = convert.unet_spec(arch)
+    state = convert.convert_unet_state(manifest_state(manifest), spec)
+    net = convert.build_unet(spec, state, device="meta")  # strict: no missing, no unexpected keys
+    for k, v in net.state_dict().items():
+        assert v.shape == state[k].shape, k
+
+
+def test_full_size_ldm_manifest_maps_every_tensor():
+    import yaml
+
+    arch = yaml.safe_load((CONFIGS / "ffhq256ldm.yaml").read_text())["architecture"]
+    sd = manifest_state("ldm_ffhq256_keys")
+    spec, vspec = convert.unet_spec(arch["unet_config"]), convert.vq_spec(arch["first_stage_config"])
+    unet = convert.build_unet(spec, convert.convert_unet_state(sd, spec, "model.diffusion_model."), device="meta")
+    vq = convert.build_vq(vspec, convert.convert_vq_state(sd, vspec), device="meta")
+    assert sum(p.numel() for p in unet.parameters()) > 2e8 and vq.quantize.embedding.weight.shape == (8192, 3)
+
+
+def test_wrong_architecture_is_reported():
+    arch = dict(fixture("adm_tiny64")["config"], num_res_blocks=2)
+    sd = torch.load(FIX / "adm_tiny64.pt", weights_only=True)
+    with pytest.raises((KeyError, ValueError)):
+        convert.convert_unet_state(sd, convert.unet_spec(arch))
+
+
+def test_class_conditional_ldm_is_refused_with_a_reason():
+    import yaml
+
+    arch = yaml.safe_load((CONFIGS / "imagenet256ldm.yaml").read_text())["architecture"]
+    with pytest.raises(ValueError, match="class 1000"):
+        convert.unet_spec(arch["unet_config"])
+
+
+def test_unsafe_pickles_need_the_opt_in(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "callback": Payload()}, path)
+    with pytest.raises(ValueError, match="allow_unsafe_pickle=true"):
+        convert.load_checkpoint(path)
+    assert "callback" in convert.load_checkpoint(path, allow_unsafe_pickle=True)
+
+
+def test_missing_checkpoint_names_path_and_source(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / "ffhq256ddpm.yaml").read_text())
+    cfg.update(checkpoint=str(tmp_path / "ffhq256.pt"), converted=str(tmp_path / "conv"))
+    with pytest.raises(FileNotFoundError) as err:
+        build_model(cfg)
+    assert str(tmp_path / "ffhq256.pt") in str(err.value) and "drive.google.com" in str(err.value)
+
+
+def test_on_the_fly_conversion_is_cached(tmp_path):
+    arch = fixture("adm_tiny64")["config"]
+    cfg = {"name": "adm", "checkpoint": str(FIX / "adm_tiny64.pt"), "architecture": arch,
+           "converted": str(tmp_path / "cache")}
+    build_model(cfg)
+    stamp = (tmp_path / "cache" / "denoiser.json").stat().st_mtime_ns
+    build_model(cfg)
+    assert (tmp_path / "cache" / "denoiser.json").stat().st_mtime_ns == stamp
