@@ -145,3 +145,11 @@ def test_exact_prior_with_mh_needs_a_log_density(pixel):
         DAPS(ANNEAL, ODE, mcmc("mala", prior_solver="exact")).check(d)
     with pytest.raises(ValueError, match="latent"):
         DAPS(ANNEAL, ODE, mcmc(), latent=True).check(d)
+
+
+@pytest.mark.parametrize("solver", ["score-t", "score-min"])
+def test_other_prior_solvers_run(pixel, solver):
+    d, y = pixel
+    s = DAPS(ANNEAL, ODE, mcmc(prior_solver=solver))
+    res = run(d, s, [3, 4], y)
+    assert res.status == ["ok", "ok"] and torch.isfinite(res.x).all()
