@@ -7,6 +7,11 @@ data -> operator -> measurement (seeded per image) -> model -> sampler (num_samp
 measurement, num_runs times) -> results/<name>/ (see README for every file). Everything is built and
 checked before the first sampling step; a finished image's results are on disk before the next
 chunk starts; Ctrl-C leaves metrics.json and timing.json for what finished.
+
+Under ``torchrun --nproc_per_node=N`` each rank takes a contiguous slice of the images (seeds depend only
+on the image and sample numbers, so results do not depend on the split); every rank writes its images'
+files, rank 0 writes metrics.json / timing.json, logs and shows progress. Under Hydra multirun (-m) each
+job writes to <save_dir>/<name>/run<NNN>/.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ from cores.noise import ParticleNoise, measurement_seed, particle_seed
 from cores.operators import build_operator
 from sampler import NOT_IMPLEMENTED, build_sampler
 from utils.data import build_dataset
-from utils.device import device_info, get_device
-from utils.events import EventLog, PhaseTimer, summarise
+from utils.device import Dist, barrier, device_info, gather, get_device, init_distributed, shutdown
+from utils.events import EventLog, PhaseTimer, dump_json, summarise
 from utils.images import save_grid, save_png
 from utils.metrics import Evaluator
 from utils.results import Recorder
@@ -79,7 +84,11 @@ class Run:
             raise UserError(f"task_group={cfg.task_group} is not defined by the task config; "
                             f"choose one of {', '.join(task_cfg)}")
         group = task_cfg[cfg.task_group]
-        self.device = _step("device", get_device, cfg.gpu, cfg.use_tpu)
+        use_cuda = torch.cuda.is_available() and cfg.gpu is not None and cfg.gpu >= 0 and not cfg.use_tpu
+        self.dist: Dist = init_distributed(use_cuda)
+        if not self.dist.main:
+            logging.getLogger().setLevel(logging.WARNING)
+        self.device = _step("device", get_device, cfg.gpu, cfg.use_tpu, self.dist)
         self.dataset = _step("data", build_dataset, data_cfg)
         self.shape = tuple(self.dataset[0].image.shape)
         self.operator = _step(f"operator (task.{cfg.task_group}.operator)", build_operator, group["operator"],
@@ -92,13 +101,12 @@ class Run:
         self.sampler = _step("sampler", build_sampler, sampler_cfg, group["mcmc_sampler_config"])
         _step("sampler", self.sampler.check, self.model)
         self.evaluator = _step("eval_fn_list", Evaluator, list(cfg.eval_fn_list), self.device, self.shape)
-        self.root = Path(cfg.save_dir) / cfg.name
-        if self.root.exists() and any(self.root.iterdir()):
-            if not cfg.overwrite:
-                raise UserError(f"results folder {self.root} already exists: choose another name=... "
-                                f"or pass overwrite=true to replace it")
-            log.warning("overwrite=true: removing %s", self.root)
-            shutil.rmtree(self.root)
+        self.root = results_folder(cfg)
+        if self.root.exists() and any(self.root.iterdir()) and not cfg.overwrite:
+            raise UserError(f"results folder {self.root} already exists: choose another name=... "
+                            f"or pass overwrite=true to replace it")
+        n, d = len(self.dataset), self.dist
+        self.shard = list(range(n * d.rank // d.world, n * (d.rank + 1) // d.world))
 
     def check_flags(self) -> None:
         cfg = self.cfg
@@ -127,30 +135,38 @@ class Run:
                 "device": device_info(self.device)}
 
     def execute(self) -> int:
-        cfg = self.cfg
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "samples").mkdir(exist_ok=True)
-        (self.root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        handler = logging.FileHandler(self.root / "run.log")
+        cfg, d = self.cfg, self.dist
+        barrier(d)  # every rank has checked the folder before rank 0 replaces or creates it
+        if d.main:
+            if self.root.exists() and cfg.overwrite:
+                log.warning("overwrite=true: removing %s", self.root)
+                shutil.rmtree(self.root)
+            (self.root / "samples").mkdir(parents=True, exist_ok=True)
+            (self.root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        barrier(d)
+        suffix = "" if d.main else f".rank{d.rank}"
+        handler = logging.FileHandler(self.root / f"run{suffix}.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
-        self.events = EventLog(self.root / "events.jsonl")
+        self.events = EventLog(self.root / f"events{suffix}.jsonl")
         self.timer = PhaseTimer(self.device)
         self.recorder = Recorder(self.root, self.header(), self.metric_names())
         self.grid: list[dict[str, Any]] = []
-        self.used_levels = 0
+        self.used_levels = self.images_done = 0
         self.t0 = time.perf_counter()
         status, code = "complete", 0
         try:
-            for start in range(0, len(self.dataset), cfg.batch_size):
-                self.run_chunk([self.dataset[i] for i in range(start, min(start + cfg.batch_size, len(self.dataset)))])
+            for start in range(0, len(self.shard), cfg.batch_size):
+                self.run_chunk([self.dataset[i] for i in self.shard[start:start + cfg.batch_size]])
         except KeyboardInterrupt:
             status, code = "interrupted", 130
-            log.warning("interrupted: writing results of the %d finished image(s)", len(self.recorder.images))
+            log.warning("interrupted: writing results of the %d finished image(s)", self.images_done)
         finally:
             self.timer.stop()
             self.finish(status)
             logging.getLogger().removeHandler(handler)
+            if status == "complete":
+                shutdown(d)
         return code
 
     def metric_names(self) -> list[str]:
@@ -239,31 +255,40 @@ class Run:
             if st == "ok" and self.cfg.save_samples:
                 save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
         self.recorder.add_image({"index": item.index, "name": item.name, "particles": particles})
+        self.images_done += 1
         if len(self.grid) < GRID_MAX_IMAGES:
             self.grid.append({"gt": gt.cpu(), "y": self.operator.view(y[None], gt.shape)[0].cpu(),
                               "x": [xs[k].cpu() if s == "ok" else None for k, (s, _) in enumerate(status)]})
-        self.recorder.write("running", {"timing": self.timing("running")})
-        self.write_timing("running")
-        self.write_grid()
+        if self.dist.main:
+            timing = self.timing("running")
+            self.recorder.write("running", {"timing": timing})
+            dump_json(timing, self.root / "timing.json")
+            self.write_grid()
 
-    def timing(self, status: str) -> dict[str, Any]:
-        total = time.perf_counter() - self.t0
-        done = len(self.recorder.images)
-        phases = self.timer.summary()
-        sampling = sum(p["wall_sec"] for p in phases.values())
+    def local_timing(self) -> dict[str, Any]:
+        return {"rank": self.dist.rank, "device": str(self.device), "images_done": self.images_done,
+                "wall_sec": time.perf_counter() - self.t0, "used_anneal_steps": self.used_levels,
+                "phases": self.timer.summary()}
+
+    def timing(self, status: str, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Wall-clock totals (slowest rank) and throughput over all ranks; per-phase times of rank 0."""
+        ranks = ranks or [self.local_timing()]
+        total = max(r["wall_sec"] for r in ranks)
+        done = sum(r["images_done"] for r in ranks)
+        phases = ranks[0]["phases"]
+        sampling = max(sum(p["wall_sec"] for p in r["phases"].values()) for r in ranks)
         s = self.sampler
-        return {"status": status, "total_wall_sec": total, "images_done": done,
-                "per_image_sec": total / done if done else None,
-                "sampling_wall_sec": sampling, "sampling_per_image_sec": sampling / done if done else None,
-                "particles_per_image": self.particles_per_image, "batch_size_images": self.cfg.batch_size,
-                "ode_steps": s.ode.num_steps, "ode_solver": s.ode.solver, "anneal_steps_cfg": len(s.levels),
-                "used_anneal_steps": self.used_levels, "mcmc_steps": s.mcmc.num_steps,
-                "network_evals_per_particle": s.network_evals_per_particle(), "phases": phases}
-
-    def write_timing(self, status: str) -> None:
-        from utils.events import dump_json
-
-        dump_json(self.timing(status), self.root / "timing.json")
+        out = {"status": status, "total_wall_sec": total, "images_done": done,
+               "per_image_sec": total / done if done else None,
+               "sampling_wall_sec": sampling, "sampling_per_image_sec": sampling / done if done else None,
+               "particles_per_image": self.particles_per_image, "batch_size_images": self.cfg.batch_size,
+               "ode_steps": s.ode.num_steps, "ode_solver": s.ode.solver, "anneal_steps_cfg": len(s.levels),
+               "used_anneal_steps": max(r["used_anneal_steps"] for r in ranks), "mcmc_steps": s.mcmc.num_steps,
+               "network_evals_per_particle": s.network_evals_per_particle(), "phases": phases,
+               "world_size": self.dist.world}
+        if self.dist.world > 1:
+            out["ranks"] = ranks
+        return out
 
     def write_grid(self) -> None:
         if not self.grid:
@@ -275,16 +300,30 @@ class Run:
 
     def finish(self, status: str) -> None:
         self.events.close()
-        timing = self.timing(status)
+        ranks = gather(self.dist, self.local_timing()) if status == "complete" else None
+        if not self.dist.main:
+            return
+        timing = self.timing(status, ranks)
         self.recorder.write(status, {"timing": timing,
                                      "peak_memory": {k: v.get("peak_memory_bytes", v.get("peak_memory"))
                                                      for k, v in timing["phases"].items()}})
-        self.write_timing(status)
+        dump_json(timing, self.root / "timing.json")
         self.write_grid()
         agg = self.recorder.aggregate()
         summary = ", ".join(f"{m} best {a['best_of_n']:.3f} mean {a['mean_of_n']:.3f}" for m, a in agg.items())
         log.info("%s: %d image(s) in %.1f s (%s). %s", status, timing["images_done"], timing["total_wall_sec"],
                  self.root, summary)
+
+
+def results_folder(cfg: DictConfig) -> Path:
+    """<save_dir>/<name>, or <save_dir>/<name>/run<NNN> for job NNN of a Hydra multirun (sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    root = Path(cfg.save_dir) / cfg.name
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        root = root / f"run{HydraConfig.get().job.num:03d}"
+    return root
 
 
 def setup_logging() -> None:

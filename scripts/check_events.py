@@ -19,10 +19,11 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     args = ap.parse_args()
     streams: dict[tuple, list[dict]] = defaultdict(list)
-    for line in (args.run / "events.jsonl").read_text().splitlines():
-        ev = json.loads(line)
-        if ev.get("event") == "level":
-            streams[(tuple(ev["images"]), ev["run"])].append(ev)
+    for path in sorted(args.run.glob("events*.jsonl")):  # events.jsonl, and events.rank<r>.jsonl under torchrun
+        for line in path.read_text().splitlines():
+            ev = json.loads(line)
+            if ev.get("event") == "level":
+                streams[(tuple(ev["images"]), ev["run"])].append(ev)
     ok = True
     for (images, run), evs in streams.items():
         propagates = all(abs(a["next_sigma"] - b["sigma"]) < 1e-9 * max(1.0, b["sigma"]) for a, b in zip(evs, evs[1:]))

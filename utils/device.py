@@ -1,13 +1,16 @@
-"""The one place for device logic: choosing the device, synchronising, peak memory, device facts.
+"""The one place for device logic: choosing the device (CUDA, CPU, XLA), synchronising, peak memory,
+device facts, and the process group of a multi-process (torchrun) run.
 
-No other module calls ``torch.cuda``.
+No other module calls ``torch.cuda``, ``torch_xla`` or ``torch.distributed``.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
 import logging
+import os
 import platform
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -15,10 +18,71 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def get_device(gpu: int | None = 0, use_tpu: bool = False) -> torch.device:
-    """CUDA device ``gpu`` when CUDA is present, else the CPU (with a warning)."""
+@dataclass
+class Dist:
+    """Rank and world size of this process (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(use_cuda: bool) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gather(d: Dist, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (a list in rank order)."""
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def xla_device() -> torch.device:
+    try:
+        import torch_xla
+    except ImportError as err:
+        raise NotImplementedError("use_tpu=true needs torch_xla (torch 2.9.0 + torch_xla 2.9.0): build that "
+                                  "environment with `make test-xla` or pip install -r requirements-tpu.txt") from err
+    return torch_xla.device()
+
+
+def get_device(gpu: int | None = 0, use_tpu: bool = False, dist: Dist | None = None) -> torch.device:
+    """The XLA device (use_tpu), CUDA device ``gpu`` (the local rank under torchrun), else the CPU (with a warning)."""
     if use_tpu:
-        raise NotImplementedError("use_tpu=true (torch_xla) is not implemented yet; run with use_tpu=false")
+        return xla_device()
+    if dist is not None and dist.world > 1 and torch.cuda.is_available() and gpu is not None and gpu >= 0:
+        gpu = dist.local_rank
     if torch.cuda.is_available():
         if gpu is None or gpu < 0:
             return torch.device("cpu")
@@ -32,7 +96,12 @@ def get_device(gpu: int | None = 0, use_tpu: bool = False) -> torch.device:
 
 
 def to_host(t: torch.Tensor) -> list:
-    """Copy a tensor to the host as nested lists: the loop's one synchronisation point per level."""
+    """Copy a tensor to the host as nested lists: the loop's one synchronisation point per level.
+    On XLA this first cuts the lazy graph (torch_xla.sync), so each level compiles and runs as one graph."""
+    if t.device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()
     with allow_sync():
         return t.detach().cpu().tolist()
 
@@ -73,8 +142,13 @@ def forbid_sync() -> Iterator[None]:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device: CUDA synchronize; on XLA, run the pending graph and wait for it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync(wait=True)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -83,9 +157,23 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak allocated bytes since the last reset, or why it is unavailable."""
+    """Peak allocated bytes since the last reset, or why it is unavailable.
+
+    On XLA the runtime's memory info gives the peak since the process started where it exists (TPU: it is
+    not reset at phase boundaries); PJRT CPU has none, which is reported as unavailable."""
     if device.type == "cuda":
         return {"available": True, "peak_bytes": int(torch.cuda.max_memory_allocated(device))}
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        try:
+            info = xm.get_memory_info(device)
+        except RuntimeError as err:
+            return {"available": False, "reason": f"XLA memory info unavailable on this runtime: {err}"[:300]}
+        peak = info.get("peak_bytes_used", info.get("bytes_used"))
+        if peak is None:
+            return {"available": False, "reason": f"XLA memory info has no usage fields: {sorted(info)}"}
+        return {"available": True, "peak_bytes": int(peak), "since": "process start"}
     return {"available": False, "reason": f"peak memory is not tracked on {device.type}"}
 
 
@@ -104,6 +192,10 @@ def device_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, total_memory_bytes=int(props.total_memory), cuda=torch.version.cuda)
+    elif device.type == "xla":
+        import torch_xla.runtime as xr
+
+        info.update(name=f"XLA {xr.device_type()}", torch_xla=_version("torch_xla"))
     else:
         info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return info

@@ -6,6 +6,7 @@ the statistics; the statistics say how many particles they cover.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,11 @@ class Recorder:
         record["summary"] = {m: particle_stats([p.get(m) for p in record["particles"]], HIGHER_IS_BETTER[m])
                              for m in self.metric_names}
         record["nonfinite_particles"] = sum(p["status"] != "ok" for p in record["particles"])
-        self.images.append(record)
         dump_json(record, self.root / "per_image" / f"{record['index']:05d}.json")
+
+    def load(self) -> None:
+        """The finished images of every process, from the per-image files."""
+        self.images = [json.loads(p.read_text()) for p in sorted((self.root / "per_image").glob("*.json"))]
 
     def aggregate(self) -> dict[str, Any]:
         """Means over images of the per-image best (an oracle: picked with the ground truth) and mean."""
@@ -54,7 +58,8 @@ class Recorder:
         return out
 
     def write(self, status: str, extra: dict[str, Any] | None = None) -> None:
-        """metrics.json and eval.md for the images finished so far."""
+        """metrics.json and eval.md for the images finished so far (by any process)."""
+        self.load()
         metrics = {"status": status, **self.header, **(extra or {}), "num_images_done": len(self.images),
                    "nonfinite_particles": sum(img["nonfinite_particles"] for img in self.images),
                    "aggregate": self.aggregate(), "images": self.images}
