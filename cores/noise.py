@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from utils.device import rng_device
+
 
 def particle_seed(seed: int, image_index: int, sample_index: int) -> int:
     """A 63-bit seed for one particle, derived from the run seed, its image and its sample number."""
@@ -26,29 +28,33 @@ def measurement_seed(seed: int, image_index: int) -> int:
 
 
 class ParticleNoise:
-    """One generator per particle; draws are stacked along the batch dimension."""
+    """One generator per particle; draws are stacked along the batch dimension.
+
+    On XLA the generators live on the CPU and each draw is transferred to the device.
+    """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.gen_device = rng_device(self.device)
         self.seeds = list(seeds)
-        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in self.seeds]
+        self.generators = [torch.Generator(device=self.gen_device).manual_seed(s) for s in self.seeds]
 
     def __len__(self) -> int:
         return len(self.generators)
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal noise of shape (num_particles, *shape)."""
-        out = torch.empty((len(self), *shape), device=self.device, dtype=dtype)
+        out = torch.empty((len(self), *shape), device=self.gen_device, dtype=dtype)
         for row, gen in zip(out, self.generators):
             torch.randn(tuple(shape), generator=gen, out=row)
-        return out
+        return out.to(self.device)
 
     def rand(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One uniform number in [0, 1) per particle, shape (num_particles,)."""
-        out = torch.empty(len(self), device=self.device, dtype=dtype)
+        out = torch.empty(len(self), device=self.gen_device, dtype=dtype)
         for row, gen in zip(out.view(-1, 1), self.generators):
             torch.rand((1,), generator=gen, out=row)
-        return out
+        return out.to(self.device)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape[1:], x.dtype)
@@ -56,7 +62,7 @@ class ParticleNoise:
     def select(self, keep: Sequence[int]) -> "ParticleNoise":
         """The streams of the kept particles, continuing where they were."""
         new = ParticleNoise.__new__(ParticleNoise)
-        new.device = self.device
+        new.device, new.gen_device = self.device, self.gen_device
         new.seeds = [self.seeds[i] for i in keep]
         new.generators = [self.generators[i] for i in keep]
         return new

@@ -39,7 +39,7 @@ class Operator(torch.nn.Module):
     def measure(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """y = A(x) + sigma * n, with each image's noise drawn from its own generator."""
         y0 = self(x)
-        noise = torch.stack([torch.randn(y0.shape[1:], generator=g, device=g.device, dtype=y0.dtype)
+        noise = torch.stack([torch.randn(tuple(y0.shape[1:]), generator=g, device=g.device, dtype=y0.dtype)
                              for g in generators]).to(y0.device)
         return y0 + self.sigma * noise
 

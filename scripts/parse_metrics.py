@@ -2,6 +2,8 @@
 
     python scripts/parse_metrics.py results/exp0_* [--csv out.csv] [--plot out.png]
 
+A sweep folder (python posterior_sample.py -m ...) contributes its run<NNN>/ jobs.
+
 Columns: images, particles per image, best-of-n (an oracle: chosen with the ground truth) and mean-of-n
 of each metric, NaN particles, seconds per image, used annealing levels, peak memory per phase.
 """
@@ -13,10 +15,22 @@ import json
 from pathlib import Path
 
 
+def runs_in(paths: list[Path]) -> list[Path]:
+    """Results folders: each given folder with a metrics.json, or the run<NNN>/ jobs of a sweep folder."""
+    found = []
+    for p in paths:
+        if (p / "metrics.json").is_file():
+            found.append(p)
+        else:
+            found += sorted(q.parent for q in p.glob("run*/metrics.json"))
+    return found
+
+
 def row(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").is_file() else {}
-    out = {"run": run.name, "status": metrics["status"], "images": metrics["num_images_done"],
+    name = f"{run.parent.name}/{run.name}" if run.name.startswith("run") and run.name[3:].isdigit() else run.name
+    out = {"run": name, "status": metrics["status"], "images": metrics["num_images_done"],
            "particles": metrics["particles_per_image"], "nan_particles": metrics["nonfinite_particles"]}
     for m, agg in metrics["aggregate"].items():
         out[f"{m}_best"], out[f"{m}_mean"] = agg["best_of_n"], agg["mean_of_n"]
@@ -39,9 +53,9 @@ def main() -> None:
     ap.add_argument("--csv", type=Path)
     ap.add_argument("--plot", type=Path, help="bar chart of best-of-n and mean-of-n PSNR")
     args = ap.parse_args()
-    rows = [row(r) for r in args.runs if (r / "metrics.json").is_file()]
+    rows = [row(r) for r in runs_in(args.runs)]
     if not rows:
-        raise SystemExit("no metrics.json in the given folders")
+        raise SystemExit("no metrics.json in the given folders (or in their run*/ sweep jobs)")
     cols = list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

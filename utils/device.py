@@ -95,6 +95,17 @@ def get_device(gpu: int | None = 0, use_tpu: bool = False, dist: Dist | None = N
     return torch.device("cpu")
 
 
+def rng_device(device: torch.device) -> torch.device:
+    """Where random generators live for ``device``: XLA has no device generators, so they stay on the CPU and
+    their draws are transferred (as graph inputs: no recompilation)."""
+    return torch.device("cpu") if device.type == "xla" else device
+
+
+def metrics_device(device: torch.device) -> torch.device:
+    """Where images are scored: the device itself, or the CPU for XLA (piq / lpips would compile graphs)."""
+    return torch.device("cpu") if device.type == "xla" else device
+
+
 def to_host(t: torch.Tensor) -> list:
     """Copy a tensor to the host as nested lists: the loop's one synchronisation point per level.
     On XLA this first cuts the lazy graph (torch_xla.sync), so each level compiles and runs as one graph."""

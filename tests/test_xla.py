@@ -1,0 +1,96 @@
+"""The XLA path on PJRT CPU (make test-xla): operators, the sampler loop and posterior_sample.py use_tpu=true."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch_xla = pytest.importorskip("torch_xla")
+pytestmark = pytest.mark.xla
+
+import torch_xla.debug.metrics as met  # noqa: E402
+
+from cores.models import build_model  # noqa: E402
+from cores.noise import ParticleNoise  # noqa: E402
+from cores.operators import DenseGaussian, DownSampling, GaussianBlur, Inpainting, PhaseRetrieval  # noqa: E402
+from sampler import DAPS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = {"phase_retrieval": PhaseRetrieval, "inpainting": lambda: Inpainting("random", resolution=8, seed=1),
+       "down_sampling": lambda: DownSampling(scale_factor=2), "gaussian_blur": lambda: GaussianBlur(5, 1.0),
+       "dense_gaussian": lambda: DenseGaussian(12, 3 * 8 * 8, seed=1)}
+
+
+def compiles() -> int:
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_operator_gradients_match_the_cpu(name):
+    dev = torch_xla.device()
+    op = OPS[name]()
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    y = op(torch.rand(3, 3, 8, 8) * 2 - 1)
+    g_cpu, l_cpu = op.gradient(x, y)
+    g_xla, l_xla = op.to(dev).gradient(x.to(dev), y.to(dev))
+    torch.testing.assert_close(g_xla.cpu(), g_cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(l_xla.cpu(), l_cpu, rtol=1e-4, atol=1e-4)
+
+
+def run(model_dir, device, levels, algo="hmc", latent=False, callback=None):
+    d = build_model({"name": "diffusers", "path": str(model_dir)}, device)
+    s = DAPS({"name": "edm", "num_steps": levels, "sigma_max": 10.0, "sigma_min": 0.1},
+             {"name": "edm", "num_steps": 2, "sigma_min": 0.01, "solver": "heun"},
+             {"num_steps": 3, "lr": 1e-4, "tau": 0.05, "lr_min_ratio": 0.1, "mc_algo": algo, "momentum": 0.5},
+             latent=latent)
+    op = PhaseRetrieval().to(device)
+    y = op(torch.linspace(-1, 1, 3 * 16 * 16).view(1, 3, 16, 16).to(device)).expand(2, -1, -1, -1).clone()
+    noise = ParticleNoise([5, 6], device)
+    return s.sample(d, op, y, s.initial_state(noise, d.in_shape, device), noise, callback=callback)
+
+
+@pytest.mark.parametrize("algo", ["hmc", "mala"])
+def test_sampler_matches_cpu_and_compiles_once_per_shape(pixel_model_dir, algo):
+    """Same noise (CPU generators) on both devices: the same result; the graph of a level compiles once and every
+    further level of the same shapes reuses it (the first levels and the last one, which adds no noise, differ)."""
+    dev = torch_xla.device()
+    cpu = run(pixel_model_dir, torch.device("cpu"), 8, algo).x
+    met.clear_all()
+    per_level = []
+    xla = run(pixel_model_dir, dev, 8, algo, callback=lambda ev: per_level.append(compiles()))
+    torch.testing.assert_close(xla.x.cpu(), cpu, rtol=1e-3, atol=1e-3)
+    assert per_level[0] > 0
+    print("compiles after each level:", per_level)
+    assert per_level[2] == per_level[3] == per_level[4] == per_level[5] == per_level[6], per_level
+
+
+def test_latent_sampler_on_xla(latent_model_dir):
+    res = run(latent_model_dir, torch_xla.device(), 3, "hmc", latent=True)
+    assert res.status == ["ok", "ok"] and torch.isfinite(res.x.cpu()).all()
+
+
+@pytest.mark.parametrize("kind", ["pixel", "latent"])
+def test_posterior_sample_use_tpu(tmp_path, kind, pixel_model_dir, latent_model_dir, image_dir):
+    model = pixel_model_dir if kind == "pixel" else latent_model_dir
+    sampler = "edm_daps" if kind == "pixel" else "latent_edm_daps"
+    group = "pixel_hmc" if kind == "pixel" else "ldm"
+    r = subprocess.run([sys.executable, str(ROOT / "posterior_sample.py"), "+model.name=diffusers",
+                        f"+model.path={model}", "+data.name=image", f"+data.root={image_dir}", "+data.resolution=16",
+                        "+data.end_id=1", "+task=phase_retrieval", f"+sampler={sampler}", f"task_group={group}",
+                        "num_samples=2", "sampler.annealing_scheduler_config.num_steps=4",
+                        "sampler.diffusion_scheduler_config.num_steps=2", "use_tpu=true", "show_progress=false",
+                        f"save_dir={tmp_path}", "name=xla"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PJRT_DEVICE": "CPU"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = tmp_path / "xla"
+    metrics = json.loads((root / "metrics.json").read_text())
+    timing = json.loads((root / "timing.json").read_text())
+    assert metrics["status"] == "complete" and metrics["device"]["type"] == "xla"
+    assert metrics["images"][0]["particles"][0]["status"] == "ok"
+    assert timing["used_anneal_steps"] == 4 and (root / "grid_results.png").is_file()
+    assert metrics["peak_memory"]["explore"]["available"] is False  # PJRT CPU has no memory info
+    assert len((root / "events.jsonl").read_text().splitlines()) == 4
