@@ -275,25 +275,23 @@ def convert_vq_state(sd: dict[str, torch.Tensor], spec: dict, prefix: str = "fir
     return out
 
 
-def build_unet(spec: dict, state: dict | None = None, device: str | torch.device = "cpu"):
-    """UNet2DModel of the spec; with ``state`` loaded strictly (no missing or unexpected keys)."""
-    from diffusers import UNet2DModel
+def _build(cls_name: str, config: dict, state: dict | None, device: str | torch.device):
+    """A diffusers model of the config; with ``state`` loaded strictly (no missing or unexpected keys)."""
+    import diffusers
 
     with torch.device(device):
-        net = UNet2DModel(**unet_config(spec))
+        net = getattr(diffusers, cls_name)(**config)
     if state is not None:
         net.load_state_dict(state, strict=True, assign=device == "meta")
     return net.eval()
+
+
+def build_unet(spec: dict, state: dict | None = None, device: str | torch.device = "cpu"):
+    return _build("UNet2DModel", unet_config(spec), state, device)
 
 
 def build_vq(spec: dict, state: dict | None = None, device: str | torch.device = "cpu"):
-    from diffusers import VQModel
-
-    with torch.device(device):
-        net = VQModel(**vq_config(spec))
-    if state is not None:
-        net.load_state_dict(state, strict=True, assign=device == "meta")
-    return net.eval()
+    return _build("VQModel", vq_config(spec), state, device)
 
 
 def _source_stamp(path: Path) -> dict:

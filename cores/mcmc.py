@@ -70,15 +70,24 @@ class Target:
             (g,) = torch.autograd.grad(loss.sum(), xg)
         return self._prior_grad(x) - self.data_weight * g, loss.detach()
 
-    def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log pi(x) up to a constant, its gradient, L(x)) per particle."""
-        g, loss = self.grad(x)
+    def _log_prob(self, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         logp = -self.data_weight * loss - (x - self.prior_mean).pow(2).flatten(1).sum(1) / (2 * self.r**2)
         if self.prior_score is not None:
             if self.prior_log_prob is None:
                 raise ValueError("this kernel needs the prior's log-density, which the model does not provide")
             logp = logp + self.prior_log_prob(x)
-        return logp, g, loss
+        return logp
+
+    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi(x) up to a constant, L(x)) per particle, without gradients."""
+        with torch.no_grad():
+            loss = self.loss(x)
+            return self._log_prob(x, loss), loss
+
+    def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi(x) up to a constant, its gradient, L(x)) per particle."""
+        g, loss = self.grad(x)
+        return self._log_prob(x, loss), g, loss
 
 
 @dataclass
@@ -94,6 +103,16 @@ def _sqnorm(v: torch.Tensor) -> torch.Tensor:
 
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _mh_accept(noise: Noise, log_alpha: torch.Tensor, state: tuple[torch.Tensor, ...],
+               proposal: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Metropolis-Hastings test per particle: keep each proposal with probability min(1, exp(log_alpha)).
+
+    Returns the new state (every per-particle tensor of ``state`` replaced where accepted) and the accept mask.
+    """
+    acc = noise.rand(log_alpha.dtype).log() < log_alpha
+    return tuple(torch.where(_bcast(acc, s), p, s) for s, p in zip(state, proposal, strict=True)), acc
 
 
 @dataclass
@@ -151,20 +170,18 @@ class MALA(Kernel):
     needs_log_prob = True
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
-        logp, g, loss = target.log_prob_and_grad(x)
-        accepted = torch.zeros_like(logp)
+        state = (x, *target.log_prob_and_grad(x))  # x, log pi, grad, loss
+        accepted = torch.zeros_like(state[1])
         for _ in range(self.num_steps):
+            x, logp, g, _ = state
             eps = noise.randn_like(x)
             prop = x + lr * g + math.sqrt(2 * lr) * eps
-            logp_p, g_p, loss_p = target.log_prob_and_grad(prop)
-            log_q_back = -_sqnorm(x - prop - lr * g_p) / (4 * lr)
-            log_q_fwd = -0.5 * _sqnorm(eps)
-            acc = noise.rand(logp.dtype).log() < (logp_p - logp + log_q_back - log_q_fwd)
-            x = torch.where(_bcast(acc, x), prop, x)
-            g = torch.where(_bcast(acc, g), g_p, g)
-            logp, loss = torch.where(acc, logp_p, logp), torch.where(acc, loss_p, loss)
+            proposal = (prop, *target.log_prob_and_grad(prop))
+            log_q_back = -_sqnorm(x - prop - lr * proposal[2]) / (4 * lr)
+            log_alpha = proposal[1] - logp + log_q_back + 0.5 * _sqnorm(eps)
+            state, acc = _mh_accept(noise, log_alpha, state, proposal)
             accepted = accepted + acc.to(accepted.dtype)
-        return KernelOutput(x, loss, accepted / self.num_steps)
+        return KernelOutput(state[0], state[3], accepted / self.num_steps)
 
 
 @dataclass
@@ -176,24 +193,20 @@ class LeapfrogHMC(Kernel):
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         h = math.sqrt(2 * lr)
-        logp, g, loss = target.log_prob_and_grad(x)
-        accepted = torch.zeros_like(logp)
+        state = (x, *target.log_prob_and_grad(x))  # x, log pi, grad, loss
+        accepted = torch.zeros_like(state[1])
         for _ in range(self.num_steps):
-            p = noise.randn_like(x)
-            h0 = -logp + 0.5 * _sqnorm(p)
-            xn, gn = x, g
+            xn, logp, gn, _ = state
+            p = noise.randn_like(xn)
             pn = p + 0.5 * h * gn
             for i in range(self.leapfrog_steps):
                 xn = xn + h * pn
-                logp_n, gn, loss_n = target.log_prob_and_grad(xn)
-                pn = pn + (h if i < self.leapfrog_steps - 1 else 0.5 * h) * gn
-            h1 = -logp_n + 0.5 * _sqnorm(pn)
-            acc = noise.rand(logp.dtype).log() < (h0 - h1)
-            x = torch.where(_bcast(acc, x), xn, x)
-            g = torch.where(_bcast(acc, g), gn, g)
-            logp, loss = torch.where(acc, logp_n, logp), torch.where(acc, loss_n, loss)
+                proposal = (xn, *target.log_prob_and_grad(xn))
+                pn = pn + (h if i < self.leapfrog_steps - 1 else 0.5 * h) * proposal[2]
+            log_alpha = (-logp + 0.5 * _sqnorm(p)) - (-proposal[1] + 0.5 * _sqnorm(pn))  # H(x, p) - H(x', p')
+            state, acc = _mh_accept(noise, log_alpha, state, proposal)
             accepted = accepted + acc.to(accepted.dtype)
-        return KernelOutput(x, loss, accepted / self.num_steps)
+        return KernelOutput(state[0], state[3], accepted / self.num_steps)
 
     def grad_evals(self) -> int:
         return self.num_steps * self.leapfrog_steps + 1
@@ -206,16 +219,14 @@ class RandomWalkMH(Kernel):
     needs_log_prob = True
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
-        logp, _, loss = target.log_prob_and_grad(x)
-        accepted = torch.zeros_like(logp)
+        state = (x, *target.log_prob(x))  # x, log pi, loss
+        accepted = torch.zeros_like(state[1])
         for _ in range(self.num_steps):
-            prop = x + math.sqrt(2 * lr) * noise.randn_like(x)
-            logp_p, _, loss_p = target.log_prob_and_grad(prop)
-            acc = noise.rand(logp.dtype).log() < (logp_p - logp)
-            x = torch.where(_bcast(acc, x), prop, x)
-            logp, loss = torch.where(acc, logp_p, logp), torch.where(acc, loss_p, loss)
+            prop = state[0] + math.sqrt(2 * lr) * noise.randn_like(state[0])
+            proposal = (prop, *target.log_prob(prop))
+            state, acc = _mh_accept(noise, proposal[1] - state[1], state, proposal)
             accepted = accepted + acc.to(accepted.dtype)
-        return KernelOutput(x, loss, accepted / self.num_steps)
+        return KernelOutput(state[0], state[2], accepted / self.num_steps)
 
 
 KERNELS: dict[str, type[Kernel]] = {
