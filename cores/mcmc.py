@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from cores.noise import ParticleNoise, SharedNoise
+from utils.device import iterate
 
 log = logging.getLogger(__name__)
 Noise = ParticleNoise | SharedNoise
@@ -140,7 +141,7 @@ class Langevin(Kernel):
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         loss = None
-        for _ in range(self.num_steps):
+        for _ in iterate(self.num_steps, x.device):
             g, loss = target.grad(x)
             x = x + lr * g + math.sqrt(2 * lr) * noise.randn_like(x)
         return KernelOutput(x, loss)
@@ -156,7 +157,7 @@ class DampedHMC(Kernel):
         m, h = self.momentum, math.sqrt(lr)
         v = noise.randn_like(x)
         loss = None
-        for _ in range(self.num_steps):
+        for _ in iterate(self.num_steps, x.device):
             g, loss = target.grad(x)
             v = m * v + h * g + math.sqrt(2 * (1 - m)) * noise.randn_like(x)
             x = x + h * v
@@ -172,7 +173,7 @@ class MALA(Kernel):
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         state = (x, *target.log_prob_and_grad(x))  # x, log pi, grad, loss
         accepted = torch.zeros_like(state[1])
-        for _ in range(self.num_steps):
+        for _ in iterate(self.num_steps, x.device):
             x, logp, g, _ = state
             eps = noise.randn_like(x)
             prop = x + lr * g + math.sqrt(2 * lr) * eps
@@ -195,7 +196,7 @@ class LeapfrogHMC(Kernel):
         h = math.sqrt(2 * lr)
         state = (x, *target.log_prob_and_grad(x))  # x, log pi, grad, loss
         accepted = torch.zeros_like(state[1])
-        for _ in range(self.num_steps):
+        for _ in iterate(self.num_steps, x.device):
             xn, logp, gn, _ = state
             p = noise.randn_like(xn)
             pn = p + 0.5 * h * gn
@@ -221,7 +222,7 @@ class RandomWalkMH(Kernel):
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         state = (x, *target.log_prob(x))  # x, log pi, loss
         accepted = torch.zeros_like(state[1])
-        for _ in range(self.num_steps):
+        for _ in iterate(self.num_steps, x.device):
             prop = state[0] + math.sqrt(2 * lr) * noise.randn_like(state[0])
             proposal = (prop, *target.log_prob(prop))
             state, acc = _mh_accept(noise, proposal[1] - state[1], state, proposal)

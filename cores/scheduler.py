@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from utils.device import iterate
+
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -141,8 +143,8 @@ class PFODE:
     @torch.no_grad()
     def solve(self, denoise: Denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
         grid = self.grid(sigma)
-        for s, s_next in zip(grid[:-1], grid[1:]):
-            x = self.step(denoise, x, s, s_next)
+        for i in iterate(len(grid) - 1, x.device):
+            x = self.step(denoise, x, grid[i], grid[i + 1])
         return x
 
 

@@ -117,6 +117,23 @@ def to_host(t: torch.Tensor) -> list:
         return t.detach().cpu().tolist()
 
 
+def iterate(n: int, device: torch.device) -> Iterator[int]:
+    """``range(n)`` for a loop whose iterations repeat one computation (an MCMC step, an ODE step).
+
+    On XLA the lazy graph is cut after each iteration (torch_xla.sync: dispatches the iteration's
+    graph without waiting for it), so the body compiles once and every later iteration, level and
+    image reuses it; without the cut a level's ``num_steps`` iterations unroll into one graph whose
+    compile time and memory grow with ``num_steps``. Elsewhere this is plain ``range(n)``."""
+    if device.type != "xla":
+        yield from range(n)
+        return
+    import torch_xla
+
+    for i in range(n):
+        yield i
+        torch_xla.sync()
+
+
 def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
     """A long tensor of indices on ``device``: a host-to-device copy, used only off the per-level path
     (after a particle stops, and once at the end of sampling)."""
