@@ -108,7 +108,7 @@ def metrics_device(device: torch.device) -> torch.device:
 
 def to_host(t: torch.Tensor) -> list:
     """Copy a tensor to the host as nested lists: the loop's one synchronisation point per level.
-    On XLA this first cuts the lazy graph (torch_xla.sync), so each level compiles and runs as one graph."""
+    On XLA this first cuts the lazy graph (torch_xla.sync) so the pending steps run."""
     if t.device.type == "xla":
         import torch_xla
 
