@@ -36,6 +36,7 @@ $(XVENV)/.installed: requirements-tpu.txt
 	touch $@
 
 test-xla: $(XVENV)/.installed
+	$(XVENV)/bin/python -c "import torch_xla"  # the tests skip without it: fail here instead
 	PJRT_DEVICE=CPU $(XVENV)/bin/python -m pytest -m xla -q
 
 validate: setup
