@@ -34,12 +34,11 @@ def compiles() -> int:
 
 @pytest.mark.parametrize("name", OPS)
 def test_operator_gradients_match_the_cpu(name):
-    dev = XLA
     op = OPS[name]()
     x = torch.rand(3, 3, 8, 8) * 2 - 1
     y = op(torch.rand(3, 3, 8, 8) * 2 - 1)
     g_cpu, l_cpu = op.gradient(x, y)
-    g_xla, l_xla = op.to(dev).gradient(x.to(dev), y.to(dev))
+    g_xla, l_xla = op.to(XLA).gradient(x.to(XLA), y.to(XLA))
     torch.testing.assert_close(g_xla.cpu(), g_cpu, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(l_xla.cpu(), l_cpu, rtol=1e-4, atol=1e-4)
 

@@ -110,9 +110,7 @@ def to_host(t: torch.Tensor) -> list:
     """Copy a tensor to the host as nested lists: the loop's one synchronisation point per level.
     On XLA this first cuts the lazy graph (torch_xla.sync) so the pending steps run."""
     if t.device.type == "xla":
-        import torch_xla
-
-        torch_xla.sync()
+        _xla_sync()
     with allow_sync():
         return t.detach().cpu().tolist()
 
@@ -124,14 +122,17 @@ def iterate(n: int, device: torch.device) -> Iterator[int]:
     graph without waiting for it), so the body compiles once and every later iteration, level and
     image reuses it; without the cut a level's ``num_steps`` iterations unroll into one graph whose
     compile time and memory grow with ``num_steps``. Elsewhere this is plain ``range(n)``."""
-    if device.type != "xla":
-        yield from range(n)
-        return
-    import torch_xla
-
     for i in range(n):
         yield i
-        torch_xla.sync()
+        if device.type == "xla":
+            _xla_sync()
+
+
+def _xla_sync(wait: bool = False) -> None:
+    """Cut the lazy XLA graph and dispatch it (torch_xla.sync); ``wait`` also blocks until it has run."""
+    import torch_xla
+
+    torch_xla.sync(wait=wait)
 
 
 def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
@@ -174,9 +175,7 @@ def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "xla":
-        import torch_xla
-
-        torch_xla.sync(wait=True)
+        _xla_sync(wait=True)
 
 
 def reset_peak_memory(device: torch.device) -> None:
