@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from cores.noise import ParticleNoise, SharedNoise
-from utils.device import iterate
+from utils.device import end_step
 
 log = logging.getLogger(__name__)
 Noise = ParticleNoise | SharedNoise
@@ -141,9 +141,10 @@ class Langevin(Kernel):
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         loss = None
-        for _ in iterate(self.num_steps, x.device):
+        for _ in range(self.num_steps):
             g, loss = target.grad(x)
             x = x + lr * g + math.sqrt(2 * lr) * noise.randn_like(x)
+            end_step(x, loss)
         return KernelOutput(x, loss)
 
 
@@ -157,10 +158,11 @@ class DampedHMC(Kernel):
         m, h = self.momentum, math.sqrt(lr)
         v = noise.randn_like(x)
         loss = None
-        for _ in iterate(self.num_steps, x.device):
+        for _ in range(self.num_steps):
             g, loss = target.grad(x)
             v = m * v + h * g + math.sqrt(2 * (1 - m)) * noise.randn_like(x)
             x = x + h * v
+            end_step(x, v, loss)
         return KernelOutput(x, loss)
 
 
@@ -173,7 +175,7 @@ class MALA(Kernel):
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         state = (x, *target.log_prob_and_grad(x))  # x, log pi, grad, loss
         accepted = torch.zeros_like(state[1])
-        for _ in iterate(self.num_steps, x.device):
+        for _ in range(self.num_steps):
             x, logp, g, _ = state
             eps = noise.randn_like(x)
             prop = x + lr * g + math.sqrt(2 * lr) * eps
@@ -182,6 +184,7 @@ class MALA(Kernel):
             log_alpha = proposal[1] - logp + log_q_back + 0.5 * _sqnorm(eps)
             state, acc = _mh_accept(noise, log_alpha, state, proposal)
             accepted = accepted + acc.to(accepted.dtype)
+            end_step(*state, accepted)
         return KernelOutput(state[0], state[3], accepted / self.num_steps)
 
 
@@ -196,7 +199,7 @@ class LeapfrogHMC(Kernel):
         h = math.sqrt(2 * lr)
         state = (x, *target.log_prob_and_grad(x))  # x, log pi, grad, loss
         accepted = torch.zeros_like(state[1])
-        for _ in iterate(self.num_steps, x.device):
+        for _ in range(self.num_steps):
             xn, logp, gn, _ = state
             p = noise.randn_like(xn)
             pn = p + 0.5 * h * gn
@@ -207,6 +210,7 @@ class LeapfrogHMC(Kernel):
             log_alpha = (-logp + 0.5 * _sqnorm(p)) - (-proposal[1] + 0.5 * _sqnorm(pn))  # H(x, p) - H(x', p')
             state, acc = _mh_accept(noise, log_alpha, state, proposal)
             accepted = accepted + acc.to(accepted.dtype)
+            end_step(*state, accepted)
         return KernelOutput(state[0], state[3], accepted / self.num_steps)
 
     def grad_evals(self) -> int:
@@ -222,11 +226,12 @@ class RandomWalkMH(Kernel):
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         state = (x, *target.log_prob(x))  # x, log pi, loss
         accepted = torch.zeros_like(state[1])
-        for _ in iterate(self.num_steps, x.device):
+        for _ in range(self.num_steps):
             prop = state[0] + math.sqrt(2 * lr) * noise.randn_like(state[0])
             proposal = (prop, *target.log_prob(prop))
             state, acc = _mh_accept(noise, proposal[1] - state[1], state, proposal)
             accepted = accepted + acc.to(accepted.dtype)
+            end_step(*state, accepted)
         return KernelOutput(state[0], state[2], accepted / self.num_steps)
 
 

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cores.fourier import centred_fft2
+
 OPERATORS: dict[str, type["Operator"]] = {}
 
 
@@ -88,7 +90,7 @@ class PhaseRetrieval(Operator):
 
     The image is zero-padded by int(oversample / 8 * H) pixels on each side (64 for 256 px at
     oversample 2). The magnitude is formed from real and imaginary parts (XLA has no autodiff for
-    ``abs`` of a complex tensor). ``resolution`` is accepted for config compatibility; the padding
+    ``abs`` of a complex tensor); on XLA the DFT is matrix products (:mod:`cores.fourier`). ``resolution`` is accepted for config compatibility; the padding
     follows the size of the image actually measured.
     """
 
@@ -110,8 +112,7 @@ class PhaseRetrieval(Operator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pad(x.shape[-1])
         x = F.pad(x * 0.5 + 0.5, (p, p, p, p))
-        spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
-        return safe_magnitude(spec.real, spec.imag)
+        return safe_magnitude(*centred_fft2(x))
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Log-magnitude spectrum, resized to the image."""

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from utils.device import iterate
+from utils.device import end_step
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -143,8 +143,9 @@ class PFODE:
     @torch.no_grad()
     def solve(self, denoise: Denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
         grid = self.grid(sigma)
-        for i in iterate(len(grid) - 1, x.device):
+        for i in range(len(grid) - 1):
             x = self.step(denoise, x, grid[i], grid[i + 1])
+            end_step(x)
         return x
 
 

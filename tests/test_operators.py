@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from cores.fourier import centred_fft2, dft2_matmul
 from cores.operators import (DenseGaussian, DownSampling, GaussianBlur, Inpainting, LatentOperator, PhaseRetrieval,
                              build_operator, linear_matrix)
 
@@ -49,6 +50,29 @@ def test_phase_retrieval_geometry_and_twin():
     torch.testing.assert_close(op(x), op(x.flip(-2, -1)), rtol=1e-4, atol=1e-5)
     # orthonormal FFT: Parseval on the padded [0, 1] image
     torch.testing.assert_close(op(x).pow(2).sum((1, 2, 3)), (x * 0.5 + 0.5).pow(2).sum((1, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 12, 12), (1, 1, 7, 10)])
+def test_matmul_dft_equals_torch_fft(shape):
+    """The XLA path (DFT matrices) and torch.fft give the same centred transform and the same gradient."""
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, *shape, dtype=torch.float64)
+    spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+    for got, want in zip(dft2_matmul(x), (spec.real, spec.imag)):
+        torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad((w[0] * re + w[1] * im).sum(), x)[0] for re, im in (dft2_matmul(x), centred_fft2(x))]
+    torch.testing.assert_close(*grads)
+
+
+def test_bf16_dft_emulation():
+    """scripts/dft_precision.py: one bf16 pass is coarser than three, and both stay far below the noise sigma."""
+    from scripts.dft_precision import dft_magnitude
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    exact = PhaseRetrieval()(x.double() * 2 - 1)
+    padded = torch.nn.functional.pad(x, (8,) * 4)  # PhaseRetrieval's padding of 32 px
+    err1, err3 = ((dft_magnitude(padded, p).double() - exact).pow(2).mean().sqrt() for p in (1, 3))
+    assert 0 < 100 * err3 < err1 < 0.05 / 10
 
 
 def test_phase_retrieval_magnitude_has_zero_gradient_at_zero():

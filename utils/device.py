@@ -108,31 +108,25 @@ def metrics_device(device: torch.device) -> torch.device:
 
 def to_host(t: torch.Tensor) -> list:
     """Copy a tensor to the host as nested lists: the loop's one synchronisation point per level.
-    On XLA this first cuts the lazy graph (torch_xla.sync) so the pending steps run."""
-    if t.device.type == "xla":
-        _xla_sync()
+    On XLA the copy runs the pending graph that computes ``t`` (and only that)."""
     with allow_sync():
         return t.detach().cpu().tolist()
 
 
-def iterate(n: int, device: torch.device) -> Iterator[int]:
-    """``range(n)`` for a loop whose iterations repeat one computation (an MCMC step, an ODE step).
+def end_step(*carry: torch.Tensor) -> None:
+    """Mark the end of one iteration of a loop that repeats one computation (an MCMC step, an ODE step).
 
-    On XLA the lazy graph is cut after each iteration (torch_xla.sync: dispatches the iteration's
-    graph without waiting for it), so the body compiles once and every later iteration, level and
-    image reuses it; without the cut a level's ``num_steps`` iterations unroll into one graph whose
-    compile time and memory grow with ``num_steps``. Elsewhere this is plain ``range(n)``."""
-    for i in range(n):
-        yield i
-        if device.type == "xla":
-            _xla_sync()
+    On XLA this cuts the lazy graph at ``carry``, the tensors the next iteration reads: their graph is
+    dispatched without waiting (torch_xla's ``_xla_sync_multi``), so the iteration compiles once and every
+    later iteration, level and image reuses it; without the cut a level's ``num_steps`` iterations unroll
+    into one graph whose compile time and memory grow with ``num_steps``. The cut names its tensors rather
+    than cutting at every live tensor (``torch_xla.sync()``): after a backward, the autograd engine's XLA
+    worker thread can still hold a gradient buffer for a moment, and a global cut then compiles, at random,
+    a variant of the step graph with that buffer as one more output. Elsewhere a no-op."""
+    if carry[0].device.type == "xla":
+        import torch_xla
 
-
-def _xla_sync(wait: bool = False) -> None:
-    """Cut the lazy XLA graph and dispatch it (torch_xla.sync); ``wait`` also blocks until it has run."""
-    import torch_xla
-
-    torch_xla.sync(wait=wait)
+        torch_xla._XLAC._xla_sync_multi(list(carry), devices=[], wait=False)
 
 
 def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
@@ -171,11 +165,13 @@ def forbid_sync() -> Iterator[None]:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device: CUDA synchronize; on XLA, run the pending graph and wait for it."""
+    """Wait for the device: CUDA synchronize; on XLA, run the graph of every live tensor and wait for it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "xla":
-        _xla_sync(wait=True)
+        import torch_xla
+
+        torch_xla.sync(wait=True)
 
 
 def reset_peak_memory(device: torch.device) -> None:
