@@ -276,13 +276,14 @@ def convert_vq_state(sd: dict[str, torch.Tensor], spec: dict, prefix: str = "fir
 
 
 def _build(cls_name: str, config: dict, state: dict | None, device: str | torch.device):
-    """A diffusers model of the config; with ``state`` loaded strictly (no missing or unexpected keys)."""
+    """A diffusers model of the config; with ``state`` (cast to float32) loaded strictly (no missing or
+    unexpected keys), random weights without."""
     import diffusers
 
     with torch.device(device):
         net = getattr(diffusers, cls_name)(**config)
     if state is not None:
-        net.load_state_dict(state, strict=True, assign=device == "meta")
+        net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=device == "meta")
     return net.eval()
 
 
@@ -299,57 +300,71 @@ def _source_stamp(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def convert_adm(checkpoint: Path, arch: dict, out: Path, allow_unsafe_pickle: bool = False) -> Path:
-    """ADM pixel checkpoint -> diffusers folder (unet/, scheduler/, denoiser.json with sigma_mapping vp)."""
+Parts = tuple[dict[str, Any], Any, dict[str, Any]]
+
+
+def adm_parts(arch: dict, sd: dict[str, torch.Tensor] | None = None) -> Parts:
+    """(modules, scheduler, denoiser.json fields) of an ADM pixel model: the UNet with the weights of the
+    guided-diffusion state dict ``sd`` (random without), its linear beta schedule, sigma_mapping vp."""
     from diffusers import DDPMScheduler
 
     spec = unet_spec(arch)
-    sd = load_checkpoint(checkpoint, allow_unsafe_pickle)
-    net = build_unet(spec, {k: v.float() for k, v in convert_unet_state(sd, spec).items()})
-    return _write(out, checkpoint, {"unet": net},
-                  DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
-                  {"kind": "pixel", "image_shape": [3, spec["sample_size"], spec["sample_size"]], "sigma_mapping": "vp",
-                   "eps_channels": 3})
+    unet = build_unet(spec, None if sd is None else convert_unet_state(sd, spec))
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return {"unet": unet}, sched, {"kind": "pixel", "image_shape": [3, spec["sample_size"], spec["sample_size"]],
+                                   "sigma_mapping": "vp", "eps_channels": 3}
 
 
-def convert_ldm(checkpoint: Path, arch: dict, out: Path, allow_unsafe_pickle: bool = False) -> Path:
-    """LDM checkpoint ({'state_dict': ...}) -> diffusers folder (unet/, vqvae/, scheduler/, denoiser.json).
-
-    The scheduler is the checkpoint's own sqrt-linear schedule (linear_start -> linear_end), checked against
-    its ``alphas_cumprod`` buffer when present; latent_scale is its ``scale_factor`` (1 for VQ-f4).
-    """
+def ldm_parts(arch: dict, sd: dict[str, torch.Tensor] | None = None) -> Parts:
+    """(modules, scheduler, denoiser.json fields) of an LDM: UNet and VQ first stage with the weights of the
+    latent-diffusion state dict ``sd`` (random without), and the model's own sqrt-linear schedule (linear_start ->
+    linear_end), checked against the state dict's ``alphas_cumprod`` when present; latent_scale is its
+    ``scale_factor`` (1 for VQ-f4)."""
     from diffusers import DDPMScheduler
 
-    spec = unet_spec(arch["unet_config"])
-    vspec = vq_spec(arch["first_stage_config"])
-    ckpt = load_checkpoint(checkpoint, allow_unsafe_pickle)
-    sd = ckpt.get("state_dict", ckpt)
-    if any(k.startswith("cond_stage_model.") for k in sd):
-        raise ValueError(f"{checkpoint} is a class-conditional LDM (cond_stage_model.*): not supported (see unet_spec)")
-    unet = build_unet(spec, {k: v.float() for k, v in convert_unet_state(sd, spec, "model.diffusion_model.").items()})
-    vq = build_vq(vspec, {k: v.float() for k, v in convert_vq_state(sd, vspec).items()})
+    spec, vspec = unet_spec(arch["unet_config"]), vq_spec(arch["first_stage_config"])
+    given = sd or {}
+    if any(k.startswith("cond_stage_model.") for k in given):
+        raise ValueError("a class-conditional LDM (cond_stage_model.*): not supported (see unet_spec)")
+    unet = build_unet(spec, None if sd is None else convert_unet_state(sd, spec, "model.diffusion_model."))
+    vq = build_vq(vspec, None if sd is None else convert_vq_state(sd, vspec))
     sched = DDPMScheduler(num_train_timesteps=int(arch.get("timesteps", 1000)), beta_schedule="scaled_linear",
                           beta_start=float(arch.get("linear_start", 0.0015)), beta_end=float(arch.get("linear_end", 0.0195)))
-    if "alphas_cumprod" in sd and not torch.allclose(sd["alphas_cumprod"].double(), sched.alphas_cumprod.double(),
+    if "alphas_cumprod" in given and not torch.allclose(given["alphas_cumprod"].double(), sched.alphas_cumprod.double(),
                                                      rtol=1e-4, atol=1e-6):
-        raise ValueError(f"{checkpoint}: its alphas_cumprod differ from the sqrt-linear schedule in the config")
-    scale = float(sd["scale_factor"]) if "scale_factor" in sd else float(arch.get("scale_factor", 1.0))
-    return _write(out, checkpoint, {"unet": unet, "vqvae": vq}, sched,
-                  {"kind": "latent", "image_shape": [vspec["in_channels"], vspec["resolution"], vspec["resolution"]],
-                   "sigma_mapping": "schedule", "autoencoder": "vq", "latent_scale": scale})
+        raise ValueError("its alphas_cumprod differ from the sqrt-linear schedule in the config")
+    scale = float(given["scale_factor"]) if "scale_factor" in given else float(arch.get("scale_factor", 1.0))
+    return {"unet": unet, "vqvae": vq}, sched, {
+        "kind": "latent", "image_shape": [vspec["in_channels"], vspec["resolution"], vspec["resolution"]],
+        "sigma_mapping": "schedule", "autoencoder": "vq", "latent_scale": scale}
 
 
-def _write(out: Path, checkpoint: Path, modules: dict, scheduler, meta: dict) -> Path:
+PARTS = {"adm": adm_parts, "ldm": ldm_parts}
+
+
+def convert(kind: str, checkpoint: Path, arch: dict, out: Path, allow_unsafe_pickle: bool = False) -> Path:
+    """An official checkpoint of ``kind`` (adm: a guided-diffusion state dict; ldm: {'state_dict': ...}) ->
+    a diffusers folder (unet/, [vqvae/,] scheduler/, denoiser.json with the checkpoint's stamp)."""
+    ckpt = load_checkpoint(checkpoint, allow_unsafe_pickle)
+    try:
+        modules, scheduler, meta = PARTS[kind](arch, ckpt.get("state_dict", ckpt))
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err}") from err
+    write_folder(out, modules, scheduler, {**meta, "source": _source_stamp(checkpoint)})
+    log.info("converted %s -> %s", checkpoint, out)
+    return out
+
+
+def write_folder(out: Path, modules: dict, scheduler: Any, meta: dict) -> None:
+    """A model folder for +model.name=diffusers, written beside ``out`` and then moved into place."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for sub, module in modules.items():
         module.save_pretrained(tmp / sub, safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
-    (tmp / "denoiser.json").write_text(json.dumps({**meta, "source": _source_stamp(checkpoint)}, indent=2))
+    (tmp / "denoiser.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log.info("converted %s -> %s", checkpoint, out)
-    return out
 
 
 def cached_conversion(kind: str, checkpoint: Path, arch: dict, cache: Path, allow_unsafe_pickle: bool = False) -> Path:
@@ -363,5 +378,4 @@ def cached_conversion(kind: str, checkpoint: Path, arch: dict, cache: Path, allo
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint.resolve()} (and no converted copy at "
                                 f"{cache.resolve()})")
-    convert = {"adm": convert_adm, "ldm": convert_ldm}[kind]
-    return convert(checkpoint, arch, cache, allow_unsafe_pickle)
+    return convert(kind, checkpoint, arch, cache, allow_unsafe_pickle)

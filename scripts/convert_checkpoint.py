@@ -19,7 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cores.convert import convert_adm, convert_ldm  # noqa: E402
+from cores.convert import PARTS, convert  # noqa: E402
 
 
 def main() -> None:
@@ -34,11 +34,11 @@ def main() -> None:
     checkpoint = args.checkpoint or Path(cfg["checkpoint"])
     if not checkpoint.is_file():
         raise SystemExit(f"checkpoint not found: {checkpoint.resolve()}. {cfg.get('download', '')}")
-    convert = {"adm": convert_adm, "ldm": convert_ldm}.get(cfg["name"])
-    if convert is None:
+    if cfg["name"] not in PARTS:
         raise SystemExit(f"{args.config}: name must be adm or ldm, got {cfg['name']!r}")
     try:
-        out = convert(checkpoint, cfg["architecture"], args.out or Path(cfg["converted"]), args.allow_unsafe_pickle)
+        out = convert(cfg["name"], checkpoint, cfg["architecture"], args.out or Path(cfg["converted"]),
+                      args.allow_unsafe_pickle)
     except ValueError as err:
         raise SystemExit(str(err)) from err
     print(f"wrote {out}")

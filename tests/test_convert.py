@@ -25,7 +25,7 @@ def fixture(name):
 def test_adm_tiny_unet_and_vp_denoiser_match_the_reference(tmp_path):
     arch = fixture("adm_tiny64")["config"]
     io = torch.load(FIX / "adm_tiny64_io.pt", weights_only=True)
-    folder = convert.convert_adm(FIX / "adm_tiny64.pt", arch, tmp_path / "adm")
+    folder = convert.convert("adm", FIX / "adm_tiny64.pt", arch, tmp_path / "adm")
     model = build_model({"name": "diffusers", "path": str(folder)})
     with torch.no_grad():
         out = model.net(io["x"], io["timesteps"].float()).sample
@@ -40,7 +40,7 @@ def test_ldm_tiny_unet_decode_encode_match_the_reference(tmp_path):
     cfg = fixture("ldm_vq_tiny")
     io = torch.load(FIX / "ldm_vq_tiny_io.pt", weights_only=True)
     arch = {"unet_config": cfg["unet_config"], "first_stage_config": cfg["first_stage_config"]}
-    folder = convert.convert_ldm(FIX / "ldm_vq_tiny.ckpt", arch, tmp_path / "ldm")
+    folder = convert.convert("ldm", FIX / "ldm_vq_tiny.ckpt", arch, tmp_path / "ldm")
     model = build_model({"name": "diffusers", "path": str(folder)})
     raw = build_model({"name": "diffusers", "path": str(folder), "quantize": False})
     with torch.no_grad():
@@ -129,3 +129,26 @@ def test_on_the_fly_conversion_is_cached(tmp_path):
     stamp = (tmp_path / "cache" / "denoiser.json").stat().st_mtime_ns
     build_model(cfg)
     assert (tmp_path / "cache" / "denoiser.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("name, kind", [("adm_tiny64", "adm"), ("ldm_vq_tiny", "ldm")])
+def test_random_model_is_an_identity_denoiser(tmp_path, name, kind):
+    """scripts/make_random_model.py: the parts of a conversion with random weights and a zero output conv."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = fixture(name)
+    arch = cfg["config"] if kind == "adm" else {k: cfg[k] for k in ("unet_config", "first_stage_config")}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": kind, "architecture": arch}))
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "make_random_model.py"), "--config",
+                        str(tmp_path / "m.yaml"), "--out", str(tmp_path / "rand")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = build_model({"name": "diffusers", "path": str(tmp_path / "rand")})
+    x = torch.randn(2, *model.in_shape)
+    with torch.no_grad():
+        d = model.unet.denoise(x, 1.0) if kind == "ldm" else model.denoise(x, 1.0)
+    torch.testing.assert_close(d, x)
+    assert json.loads((tmp_path / "rand" / "denoiser.json").read_text())["random_weights"] is True
