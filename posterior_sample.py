@@ -32,8 +32,8 @@ from cores.noise import ParticleNoise, measurement_seed, particle_seed
 from cores.operators import build_operator
 from sampler import NOT_IMPLEMENTED, build_sampler
 from utils.data import build_dataset
-from utils.device import (Dist, barrier, device_info, gather, get_device, init_distributed, metrics_device,
-                          rng_device, shutdown)
+from utils.device import (Dist, barrier, device_info, eager_device, gather, get_device, init_distributed,
+                          shutdown)
 from utils.events import EventLog, PhaseTimer, dump_json, summarise
 from utils.images import save_grid, save_png
 from utils.metrics import Evaluator
@@ -85,8 +85,7 @@ class Run:
             raise UserError(f"task_group={cfg.task_group} is not defined by the task config; "
                             f"choose one of {', '.join(task_cfg)}")
         group = task_cfg[cfg.task_group]
-        use_cuda = torch.cuda.is_available() and cfg.gpu is not None and cfg.gpu >= 0 and not cfg.use_tpu
-        self.dist: Dist = init_distributed(use_cuda)
+        self.dist: Dist = init_distributed(cfg.gpu, cfg.use_tpu)
         if not self.dist.main:
             logging.getLogger().setLevel(logging.WARNING)
         self.device = _step("device", get_device, cfg.gpu, cfg.use_tpu, self.dist)
@@ -101,7 +100,7 @@ class Run:
                             f"choose data with the model's resolution and channels (data.resolution, data.channels)")
         self.sampler = _step("sampler", build_sampler, sampler_cfg, group["mcmc_sampler_config"])
         _step("sampler", self.sampler.check, self.model)
-        self.evaluator = _step("eval_fn_list", Evaluator, list(cfg.eval_fn_list), metrics_device(self.device),
+        self.evaluator = _step("eval_fn_list", Evaluator, list(cfg.eval_fn_list), eager_device(self.device),
                                self.shape)
         self.root = results_folder(cfg)
         if self.root.exists() and any(self.root.iterdir()) and not cfg.overwrite:
@@ -177,7 +176,8 @@ class Run:
     def run_chunk(self, items: list) -> None:
         cfg, dev = self.cfg, self.device
         gt = torch.stack([it.image for it in items]).to(dev)
-        gens = [torch.Generator(device=rng_device(dev)).manual_seed(measurement_seed(cfg.seed, it.index)) for it in items]
+        gens = [torch.Generator(device=eager_device(dev)).manual_seed(measurement_seed(cfg.seed, it.index))
+                for it in items]
         with torch.no_grad():
             y = self.operator.measure(gt, gens)
         ns = cfg.num_samples

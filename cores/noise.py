@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.device import rng_device
+from utils.device import eager_device
 
 
 def particle_seed(seed: int, image_index: int, sample_index: int) -> int:
@@ -35,7 +35,7 @@ class ParticleNoise:
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.gen_device = rng_device(self.device)
+        self.gen_device = eager_device(self.device)
         self.seeds = list(seeds)
         self.generators = [torch.Generator(device=self.gen_device).manual_seed(s) for s in self.seeds]
 

@@ -90,8 +90,9 @@ class PhaseRetrieval(Operator):
 
     The image is zero-padded by int(oversample / 8 * H) pixels on each side (64 for 256 px at
     oversample 2). The magnitude is formed from real and imaginary parts (XLA has no autodiff for
-    ``abs`` of a complex tensor); on XLA the DFT is matrix products (:mod:`cores.fourier`). ``resolution`` is accepted for config compatibility; the padding
-    follows the size of the image actually measured.
+    ``abs`` of a complex tensor); on XLA the DFT is matrix products (:mod:`cores.fourier`).
+    ``resolution`` is accepted for config compatibility; the padding follows the size of the image
+    actually measured.
     """
 
     def __init__(self, oversample: float = 2.0, sigma: float = 0.05, resolution: int | None = None):

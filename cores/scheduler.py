@@ -143,8 +143,8 @@ class PFODE:
     @torch.no_grad()
     def solve(self, denoise: Denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
         grid = self.grid(sigma)
-        for i in range(len(grid) - 1):
-            x = self.step(denoise, x, grid[i], grid[i + 1])
+        for s, s_next in zip(grid[:-1], grid[1:]):
+            x = self.step(denoise, x, s, s_next)
             end_step(x)
         return x
 

@@ -31,15 +31,19 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(use_cuda: bool) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU)."""
+def _uses_cuda(gpu: int | None, use_tpu: bool) -> bool:
+    return not use_tpu and gpu is not None and gpu >= 0 and torch.cuda.is_available()
+
+
+def init_distributed(gpu: int | None = 0, use_tpu: bool = False) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if _uses_cuda(gpu, use_tpu) else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -81,28 +85,22 @@ def get_device(gpu: int | None = 0, use_tpu: bool = False, dist: Dist | None = N
     """The XLA device (use_tpu), CUDA device ``gpu`` (the local rank under torchrun), else the CPU (with a warning)."""
     if use_tpu:
         return xla_device()
-    if dist is not None and dist.world > 1 and torch.cuda.is_available() and gpu is not None and gpu >= 0:
+    if not _uses_cuda(gpu, use_tpu):
+        if gpu is not None and gpu >= 0:
+            log.warning("CUDA is not available: running on the CPU (slow for real models)")
+        return torch.device("cpu")
+    if dist is not None and dist.world > 1:
         gpu = dist.local_rank
-    if torch.cuda.is_available():
-        if gpu is None or gpu < 0:
-            return torch.device("cpu")
-        if gpu >= torch.cuda.device_count():
-            raise ValueError(f"gpu={gpu} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        torch.cuda.set_device(gpu)
-        return torch.device("cuda", gpu)
-    if gpu is not None and gpu >= 0:
-        log.warning("CUDA is not available: running on the CPU (slow for real models)")
-    return torch.device("cpu")
+    if gpu >= torch.cuda.device_count():
+        raise ValueError(f"gpu={gpu} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    torch.cuda.set_device(gpu)
+    return torch.device("cuda", gpu)
 
 
-def rng_device(device: torch.device) -> torch.device:
-    """Where random generators live for ``device``: XLA has no device generators, so they stay on the CPU and
-    their draws are transferred (as graph inputs: no recompilation)."""
-    return torch.device("cpu") if device.type == "xla" else device
-
-
-def metrics_device(device: torch.device) -> torch.device:
-    """Where images are scored: the device itself, or the CPU for XLA (piq / lpips would compile graphs)."""
+def eager_device(device: torch.device) -> torch.device:
+    """``device``, or the CPU in place of XLA, for the work that stays out of lazy graphs: random generators
+    (XLA has none per particle; their draws are transferred and enter graphs as data, so nothing recompiles)
+    and scoring images (piq / lpips would compile graphs)."""
     return torch.device("cpu") if device.type == "xla" else device
 
 
