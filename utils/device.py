@@ -66,9 +66,12 @@ def gather(d: Dist, obj: Any) -> list[Any]:
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group together: a rank that tore down its gloo connections while another still
+    wrote results ended, now and then, in std::terminate ('terminate called without an active exception')."""
     if d.world > 1:
         import torch.distributed as dist
 
+        dist.barrier()
         dist.destroy_process_group()
 
 
