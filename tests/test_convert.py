@@ -1,29 +1,43 @@
 """Conversion of the official checkpoints, checked on fixtures made with the reference implementations
 (../shared/fixtures/checkpoints, see DESIGN.md) and on the full-size key manifests."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cores import convert
 from cores.models import VPEpsDenoiser, VPTimesteps, build_model
 
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "checkpoints"
 pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not found at {FIX}")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "model"
 
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def model_config(name):
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
 def fixture(name):
     return json.loads((FIX / f"{name}.json").read_text())
 
 
+def fixture_arch(name):
+    """The architecture config of a fixture checkpoint, as the model configs give it."""
+    cfg = fixture(name)
+    return cfg["config"] if "config" in cfg else {k: cfg[k] for k in ("unet_config", "first_stage_config")}
+
+
 def test_adm_tiny_unet_and_vp_denoiser_match_the_reference(tmp_path):
-    arch = fixture("adm_tiny64")["config"]
+    arch = fixture_arch("adm_tiny64")
     io = torch.load(FIX / "adm_tiny64_io.pt", weights_only=True)
     folder = convert.convert("adm", FIX / "adm_tiny64.pt", arch, tmp_path / "adm")
     model = build_model({"name": "diffusers", "path": str(folder)})
@@ -37,9 +51,8 @@ def test_adm_tiny_unet_and_vp_denoiser_match_the_reference(tmp_path):
 
 
 def test_ldm_tiny_unet_decode_encode_match_the_reference(tmp_path):
-    cfg = fixture("ldm_vq_tiny")
     io = torch.load(FIX / "ldm_vq_tiny_io.pt", weights_only=True)
-    arch = {"unet_config": cfg["unet_config"], "first_stage_config": cfg["first_stage_config"]}
+    arch = fixture_arch("ldm_vq_tiny")
     folder = convert.convert("ldm", FIX / "ldm_vq_tiny.ckpt", arch, tmp_path / "ldm")
     model = build_model({"name": "diffusers", "path": str(folder)})
     raw = build_model({"name": "diffusers", "path": str(folder), "quantize": False})
@@ -63,9 +76,7 @@ def manifest_state(name):
 @pytest.mark.parametrize("manifest, config", [("adm_ffhq256_keys", "ffhq256ddpm"),
                                               ("adm_imagenet256_keys", "imagenet256ddpm")])
 def test_full_size_adm_manifests_map_every_tensor(manifest, config):
-    import yaml
-
-    arch = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())["architecture"]
+    arch = model_config(config)["architecture"]
     spec = convert.unet_spec(arch)
     state = convert.convert_unet_state(manifest_state(manifest), spec)
     net = convert.build_unet(spec, state, device="meta")  # strict: no missing, no unexpected keys
@@ -74,9 +85,7 @@ def test_full_size_adm_manifests_map_every_tensor(manifest, config):
 
 
 def test_full_size_ldm_manifest_maps_every_tensor():
-    import yaml
-
-    arch = yaml.safe_load((CONFIGS / "ffhq256ldm.yaml").read_text())["architecture"]
+    arch = model_config("ffhq256ldm")["architecture"]
     sd = manifest_state("ldm_ffhq256_keys")
     spec, vspec = convert.unet_spec(arch["unet_config"]), convert.vq_spec(arch["first_stage_config"])
     unet = convert.build_unet(spec, convert.convert_unet_state(sd, spec, "model.diffusion_model."), device="meta")
@@ -85,16 +94,14 @@ def test_full_size_ldm_manifest_maps_every_tensor():
 
 
 def test_wrong_architecture_is_reported():
-    arch = dict(fixture("adm_tiny64")["config"], num_res_blocks=2)
+    arch = dict(fixture_arch("adm_tiny64"), num_res_blocks=2)
     sd = torch.load(FIX / "adm_tiny64.pt", weights_only=True)
     with pytest.raises((KeyError, ValueError)):
         convert.convert_unet_state(sd, convert.unet_spec(arch))
 
 
 def test_class_conditional_ldm_is_refused_with_a_reason():
-    import yaml
-
-    arch = yaml.safe_load((CONFIGS / "imagenet256ldm.yaml").read_text())["architecture"]
+    arch = model_config("imagenet256ldm")["architecture"]
     with pytest.raises(ValueError, match="class 1000"):
         convert.unet_spec(arch["unet_config"])
 
@@ -112,9 +119,7 @@ def test_unsafe_pickles_need_the_opt_in(tmp_path):
 
 
 def test_missing_checkpoint_names_path_and_source(tmp_path):
-    import yaml
-
-    cfg = yaml.safe_load((CONFIGS / "ffhq256ddpm.yaml").read_text())
+    cfg = model_config("ffhq256ddpm")
     cfg.update(checkpoint=str(tmp_path / "ffhq256.pt"), converted=str(tmp_path / "conv"))
     with pytest.raises(FileNotFoundError) as err:
         build_model(cfg)
@@ -122,7 +127,7 @@ def test_missing_checkpoint_names_path_and_source(tmp_path):
 
 
 def test_on_the_fly_conversion_is_cached(tmp_path):
-    arch = fixture("adm_tiny64")["config"]
+    arch = fixture_arch("adm_tiny64")
     cfg = {"name": "adm", "checkpoint": str(FIX / "adm_tiny64.pt"), "architecture": arch,
            "converted": str(tmp_path / "cache")}
     build_model(cfg)
@@ -134,16 +139,8 @@ def test_on_the_fly_conversion_is_cached(tmp_path):
 @pytest.mark.parametrize("name, kind", [("adm_tiny64", "adm"), ("ldm_vq_tiny", "ldm")])
 def test_random_model_is_an_identity_denoiser(tmp_path, name, kind):
     """scripts/make_random_model.py: the parts of a conversion with random weights and a zero output conv."""
-    import subprocess
-    import sys
-
-    import yaml
-
-    cfg = fixture(name)
-    arch = cfg["config"] if kind == "adm" else {k: cfg[k] for k in ("unet_config", "first_stage_config")}
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": kind, "architecture": arch}))
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "scripts" / "make_random_model.py"), "--config",
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": kind, "architecture": fixture_arch(name)}))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_model.py"), "--config",
                         str(tmp_path / "m.yaml"), "--out", str(tmp_path / "rand")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     model = build_model({"name": "diffusers", "path": str(tmp_path / "rand")})
