@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -59,8 +59,16 @@ def fit_to(img: torch.Tensor, resolution: int, name: str) -> torch.Tensor:
 
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    """An image file as a (channels, H, W) tensor in [-1, 1]; a ValueError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{path}: not an image file (empty, or another kind of file under an image name); "
+                         f"replace it with a png/jpg image or move it out of {path.parent}") from err
+    except (OSError, SyntaxError) as err:  # PIL: "image file is truncated", "broken PNG file", ...
+        raise ValueError(f"{path}: damaged image file ({err}); copy it again from its source "
+                         f"or move it out of {path.parent}") from err
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr / 127.5 - 1.0)
 
@@ -75,9 +83,10 @@ def image_folder(root: str, resolution: int, start_id: int = 0, end_id: int | No
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {folder.resolve()} (data.root={root}); "
                                 f"create it or point data.root at a folder of png/jpg images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise FileNotFoundError(f"no png/jpg images in {folder.resolve()}")
+        raise FileNotFoundError(f"no png/jpg images in {folder.resolve()} (data.root={root}): put the images there "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))}) or point data.root at the folder that has them")
     end = len(files) if end_id is None else min(end_id, len(files))
     if not 0 <= start_id < end:
         raise ValueError(f"data.start_id={start_id}, data.end_id={end_id}: empty range for {len(files)} images")
