@@ -1,33 +1,34 @@
-"""The DAPS / LatentDAPS loop (Zhang et al., CVPR 2025, Algorithm 1).
+"""The DAPS / LatentDAPS loop (Zhang et al., CVPR 2025, Algorithm 1), built from roles.
 
-For annealing levels sigma_0 > ... > sigma_{T-1}:
+For annealing levels sigma_0 > sigma_1 > ... (a :class:`~cores.scheduler.Schedule`: preset, or adaptive):
 
 1. x0hat = PF-ODE(x_t) from sigma_k down to the ODE's sigma_min (no grad);
-2. x0y ~ pi_k(x_0) by ``num_steps`` MCMC updates started at x0hat (cores/mcmc.py);
-3. x_{k+1} = x0y + sigma_{k+1} n, and no noise after the last level.
+2. x0y ~ pi_k(x_0) by the kernel's MCMC updates started at x0hat (cores/mcmc.py);
+3. sigma_{k+1} = schedule.next(...); x_{k+1} = x0y + sigma_{k+1} n, and no noise after the last level.
 
 LatentDAPS is the same loop on latents z, with A(decode(z)) in the likelihood and decode at the end.
 
-Per-particle state (x, its measurement copy, its random stream, its index) lives in
-:class:`Particles`, so removing particles (a NaN, later pruning) slices all of it at once. The loop
-keeps no state between calls. It makes one host synchronisation per level: the per-particle
-statistics of the level (loss, acceptance, finiteness) are copied to the host in one transfer and
-handed to the callback.
+Per-particle state (x, its measurement copy, its measurement index, its id, its random stream, any
+feature's state) lives in :class:`Particles`, so removing particles (a NaN, later pruning) slices all of it
+at once. The loop keeps no state between calls. It makes one host synchronisation per level: the
+per-particle statistics of the level are copied to the host in one transfer (:func:`level_stats_to_host`),
+handed to the schedule and emitted as a ``level`` event through the one callback.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from cores.mcmc import Kernel, MCMCConfig, make_target
+from cores.mcmc import Kernel, MCMCConfig, TargetSpec, make_target
 from cores.models import Denoiser
 from cores.noise import ParticleNoise, SharedNoise
 from cores.operators import LatentOperator, Operator
-from cores.scheduler import PFODE, sigma_schedule, step_ratio
+from cores.scheduler import PFODE, PresetSchedule, Schedule
+from utils.config import check_keys
 from utils.device import index_tensor, to_host
 
 log = logging.getLogger(__name__)
@@ -35,50 +36,134 @@ Callback = Callable[[dict[str, Any]], None]
 NOT_IMPLEMENTED = "not implemented yet"
 
 
+class ParticleId(NamedTuple):
+    """Who a particle is: its image (dataset index), its run and its sample number within the image."""
+
+    image: int
+    run: int
+    sample: int
+
+    def __str__(self) -> str:
+        return f"{self.image}:{self.sample}"
+
+
 @dataclass
 class Particles:
-    """Everything that belongs to one particle, sliced together."""
+    """Everything that belongs to one particle, row by row; :meth:`select` slices every field.
+
+    ``group`` is the index of the particle's measurement within the batch (on the device, for features that
+    couple the particles of one measurement); ``ids`` says who each particle is; ``row`` is its row in the
+    batch it started in; ``state`` holds per-particle tensors of features (momenta, optimiser state).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    group: torch.Tensor
+    ids: list[ParticleId]
+    row: list[int]
     noise: ParticleNoise | SharedNoise
-    index: list[int]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def select(self, keep: list[int]) -> "Particles":
+        """The particles at positions ``keep``, every field sliced (a field of an unknown kind is an error)."""
         idx = index_tensor(keep, self.x.device)
-        return Particles(self.x.index_select(0, idx), self.y.index_select(0, idx), self.noise.select(keep),
-                         [self.index[i] for i in keep])
+        return Particles(**{f.name: _slice(getattr(self, f.name), keep, idx, f.name) for f in fields(self)})
+
+
+def _slice(value: Any, keep: list[int], idx: torch.Tensor, name: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, idx.to(value.device))
+    if isinstance(value, list):
+        return [value[i] for i in keep]
+    if isinstance(value, dict):
+        return {k: _slice(v, keep, idx, f"{name}.{k}") for k, v in value.items()}
+    if hasattr(value, "select"):
+        return value.select(keep)
+    raise TypeError(f"Particles.{name}: cannot slice a {type(value).__name__} per particle")
+
+
+def start_particles(ids: list[ParticleId], y: torch.Tensor, group: list[int], noise: ParticleNoise | SharedNoise,
+                    x: torch.Tensor) -> Particles:
+    """Particles at their initial state ``x``; ``y`` holds one measurement per particle, ``group`` its index."""
+    if not len(ids) == len(y) == len(group) == len(noise) == len(x):
+        raise ValueError(f"particles disagree in number: ids {len(ids)}, y {len(y)}, group {len(group)}, "
+                         f"noise {len(noise)}, x {len(x)}")
+    return Particles(x, y, index_tensor(group, x.device), list(ids), list(range(len(ids))), noise)
 
 
 @dataclass
 class SampleResult:
-    """Final states of all particles (rows of stopped particles are NaN) and what happened to each."""
+    """Final states of all particles in their starting rows (rows of stopped particles are NaN), what happened to
+    each, and what the run really did: levels visited, denoiser calls."""
 
     x: torch.Tensor
+    ids: list[ParticleId]
     status: list[str]
     stopped_at: list[int | None]
-    used_levels: int
-    levels: list[float] = field(default_factory=list)
+    levels: list[float]
+    network_evals: int
+    particle_network_evals: int
+
+    @property
+    def used_levels(self) -> int:
+        return len(self.levels)
+
+
+class CountingDenoiser:
+    """The denoiser seen by the loop: counts network calls (``denoise`` and ``score``) as they happen."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.inner, self.calls, self.particle_calls = denoiser, 0, 0
+
+    def _count(self, x: torch.Tensor) -> None:
+        self.calls += 1
+        self.particle_calls += x.shape[0]
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        self._count(x)
+        return self.inner.denoise(x, sigma)
+
+    def score(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        self._count(x)
+        return self.inner.score(x, sigma)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def level_stats_to_host(stats: dict[str, torch.Tensor | None]) -> dict[str, list | None]:
+    """Per-particle statistics of a level (1-D tensors, or None when a kernel has none) in one host transfer."""
+    present = [k for k, v in stats.items() if v is not None]
+    rows = to_host(torch.stack([stats[k].float() for k in present]))
+    host: dict[str, list | None] = {k: None for k in stats}
+    host.update(zip(present, rows))
+    return host
+
+
+def drop_nonfinite(state: Particles, finite: list[float], step: int, sigma: float, status: list[str],
+                   stopped_at: list[int | None]) -> Particles:
+    """Stop the particles whose state is NaN/Inf (reported, their rows stay NaN); the others go on."""
+    dead = [i for i, ok in enumerate(finite) if not ok]
+    if not dead:
+        return state
+    for i in dead:
+        status[state.row[i]], stopped_at[state.row[i]] = "nonfinite", step
+    names = [str(state.ids[i]) for i in dead]
+    log.warning("%d particle(s) produced NaN/Inf at level %d (sigma=%.4g) and were stopped: %s%s",
+                len(dead), step, sigma, names[:8], " ..." if len(dead) > 8 else "")
+    return state.select([i for i, ok in enumerate(finite) if ok])
 
 
 class DAPS:
-    """DAPS with a preset annealing schedule; ``latent`` runs LatentDAPS.
+    """DAPS with any schedule; ``latent`` runs LatentDAPS. Build it from config with :func:`build_sampler`."""
 
-    Built from the sampler config (``annealing_scheduler_config``, ``diffusion_scheduler_config``,
-    ``k2_scheduler_config``) and the task group's ``mcmc_sampler_config``.
-    """
+    host_syncs_per_level = 1
 
-    def __init__(self, annealing_scheduler_config: dict, diffusion_scheduler_config: dict,
-                 mcmc_sampler_config: dict, latent: bool = False, k2_scheduler_config: dict | None = None):
-        if k2_scheduler_config is not None:
-            raise NotImplementedError(f"sampler.k2_scheduler_config (K2-DAPS) is {NOT_IMPLEMENTED}; "
-                                      "set sampler.k2_scheduler_config=null")
-        ann = dict(annealing_scheduler_config)
-        self.levels = sigma_schedule(**ann).tolist()
-        self.ode = PFODE(**dict(diffusion_scheduler_config))
-        self.mcmc = MCMCConfig.from_dict(mcmc_sampler_config)
-        self.kernel: Kernel = self.mcmc.kernel()
-        self.latent = bool(latent)
+    def __init__(self, schedule: Schedule, ode: PFODE, kernel: Kernel, target: TargetSpec, latent: bool = False):
+        self.schedule, self.ode, self.kernel, self.target, self.latent = schedule, ode, kernel, target, bool(latent)
 
     def check(self, denoiser: Denoiser) -> None:
         """Refuse combinations that cannot run, before any compute."""
@@ -86,77 +171,98 @@ class DAPS:
             kind = "latent" if denoiser.latent else "pixel"
             raise ValueError(f"model is a {kind} model but the sampler has latent={self.latent}: use "
                              f"+sampler={'latent_edm_daps' if denoiser.latent else 'edm_daps'}")
-        if self.kernel.needs_log_prob and self.mcmc.prior_solver == "exact" and not denoiser.has_log_prob:
-            raise ValueError(f"mc_algo={self.mcmc.mc_algo} with prior_solver=exact needs the prior's log-density, "
+        if self.kernel.needs_log_prob and self.target.prior_solver == "exact" and not denoiser.has_log_prob:
+            raise ValueError(f"mc_algo={self.kernel.name} with prior_solver=exact needs the prior's log-density, "
                              "which only analytic models (gmm) have; use prior_solver=gaussian")
 
-    def network_evals_per_particle(self) -> int:
-        return sum(self.ode.network_evals(s) for s in self.levels)
+    def describe(self) -> dict[str, Any]:
+        """What the results header and timing.json say about the sampler (settings, not measurements)."""
+        return {"latent": self.latent, "schedule": self.schedule.describe(), "ode_steps": self.ode.num_steps,
+                "ode_solver": self.ode.solver, "ode_sigma_min": self.ode.sigma_min, **self.kernel.describe(),
+                **self.target.describe(), "couples": "none (each particle is independent of its batch)"}
 
     def initial_state(self, noise: ParticleNoise | SharedNoise, shape: tuple[int, ...], device: torch.device
                       ) -> torch.Tensor:
-        return (noise.randn(shape) * self.levels[0]).to(device)
+        return (noise.randn(shape) * self.schedule.start()).to(device)
 
-    def sample(self, denoiser: Denoiser, operator: Operator, y: torch.Tensor, x_start: torch.Tensor,
-               noise: ParticleNoise | SharedNoise, callback: Callback | None = None,
+    def sample(self, denoiser: Denoiser, operator: Operator, particles: Particles, callback: Callback | None = None,
                progress: Callable[[int], Any] | None = None) -> SampleResult:
-        """Run the loop for a batch of particles; ``y`` holds each particle's own copy of its measurement.
+        """Run the loop for a batch of particles (:func:`start_particles`).
 
-        ``callback`` receives, once per level, a dict with the level's host-side statistics and the
-        device tensors ``x0hat``, ``x0y`` and ``index`` (the original particle numbers still running).
+        ``callback`` receives typed events: ``phase`` (``phase``: the phase that starts, None at the end) and,
+        once per level, ``level`` with the level's host-side statistics, the particles' ``ids`` and the device
+        tensors ``x0hat`` and ``x0y``.
         """
+        emit = callback or (lambda event: None)
+        net = CountingDenoiser(denoiser)
         op = LatentOperator(operator, denoiser.decode) if self.latent else operator
-        total = x_start.shape[0]
-        state = Particles(x_start, y, noise, list(range(total)))
+        state, total = particles, len(particles)
         status, stopped_at = ["ok"] * total, [None] * total
-        T = len(self.levels)
-        bar = progress(T) if progress else None
-        for step, sigma in enumerate(self.levels):
-            x0hat = self.ode.solve(denoiser.denoise, state.x, sigma)
-            target = make_target(self.mcmc, denoiser, lambda x, yy=state.y: op.loss(x, yy), state.x, x0hat, sigma)
-            res = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(step_ratio(step, T)))
-            next_sigma = self.levels[step + 1] if step + 1 < T else 0.0
-            x_next = res.x + next_sigma * state.noise.randn_like(res.x) if step + 1 < T else res.x
-            finite = torch.isfinite(x_next).flatten(1).all(1)
-            acc = res.acceptance if res.acceptance is not None else torch.full_like(res.loss, math.nan)
-            loss, acceptance, ok = to_host(torch.stack([res.loss.float(), acc.float(), finite.float()]))
-            event = {"step": step, "sigma": sigma, "next_sigma": next_sigma, "index": list(state.index),
-                     "loss": loss, "acceptance": acceptance if res.acceptance is not None else None,
-                     "finite": [bool(v) for v in ok], "x0hat": x0hat, "x0y": res.x}
-            if callback:
-                callback(event)
-            keep = [i for i, v in enumerate(ok) if v]
-            dead = [state.index[i] for i, v in enumerate(ok) if not v]
-            for p in dead:
-                status[p], stopped_at[p] = "nonfinite", step
-            if dead:
-                log.warning("%d particle(s) produced NaN/Inf at level %d (sigma=%.4g) and were stopped: %s%s",
-                            len(dead), step, sigma, dead[:8], " ..." if len(dead) > 8 else "")
-            state.x = x_next
-            if len(keep) < len(ok):
-                state = state.select(keep)
+        levels: list[float] = []
+        bar = progress(self.schedule.planned_levels) if progress else None
+        emit({"event": "phase", "phase": "explore", "step": 0})
+        sigma, step = self.schedule.start(), 0
+        while sigma is not None and len(state):
+            # 1. reverse diffusion to the level's prior mean
+            x0hat = self.ode.solve(net.denoise, state.x, sigma)
+            # 2. MCMC on the level's conditional pi_k (data term + Gaussian around x0hat)
+            target = make_target(self.target, net, lambda x, yy=state.y: op.loss(x, yy), state.x, x0hat, sigma)
+            out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))
+            # 3. the level's statistics: the one host synchronisation of the level
+            host = level_stats_to_host({"loss": out.loss, "acceptance": out.acceptance,
+                                        "finite": torch.isfinite(out.x).flatten(1).all(1)})
+            # 4. the next level; no noise after the last one
+            next_sigma = self.schedule.next(step, sigma, host)
+            state.x = out.x if next_sigma is None else out.x + next_sigma * state.noise.randn_like(out.x)
+            levels.append(sigma)
+            emit({"event": "level", "step": step, "sigma": sigma, "next_sigma": next_sigma or 0.0,
+                  "ids": list(state.ids), **host, "x0hat": x0hat, "x0y": out.x})
+            # 5. particles that produced NaN/Inf stop here
+            state = drop_nonfinite(state, host["finite"], step, sigma, status, stopped_at)
             if bar is not None:
-                finite_loss = [v for v, f in zip(loss, ok) if f]
+                finite_loss = [v for v, ok in zip(host["loss"], host["finite"]) if ok]
                 bar.set_postfix(sigma=f"{sigma:.3g}", loss=f"{min(finite_loss) if finite_loss else math.nan:.3g}")
                 bar.update(1)
-            if not state.index:
-                break
+            sigma, step = next_sigma, step + 1
         if bar is not None:
             bar.close()
-        out = torch.full((total, *denoiser.image_shape), math.nan, device=x_start.device)
-        if state.index:
+        emit({"event": "phase", "phase": None, "step": step})
+        out_x = torch.full((total, *denoiser.image_shape), math.nan, device=particles.x.device)
+        if len(state):
             with torch.no_grad():
                 final = denoiser.decode(state.x) if self.latent else state.x
-            out[index_tensor(state.index, out.device)] = final.detach().to(out.dtype)
-        return SampleResult(out, status, stopped_at, used_levels=step + 1, levels=self.levels[: step + 1])
+            out_x[index_tensor(state.row, out_x.device)] = final.detach().to(out_x.dtype)
+        return SampleResult(out_x, list(particles.ids), status, stopped_at, levels, net.calls, net.particle_calls)
+
+
+SAMPLER_KEYS = ("latent", "annealing_scheduler_config", "diffusion_scheduler_config", "k2_scheduler_config",
+                "repulsion", "pruning", "hard_dc")
+# feature sub-configs of the sampler group: (key whose non-default value switches it on, off value, feature)
+FEATURES = {"repulsion": ("scale", 0.0, "particle repulsion (Exp 1)"),
+            "pruning": ("step", -1, "particle pruning (Exp 2)"),
+            "hard_dc": ("step", -1, "hard data consistency (Exp 4)")}
+
+
+def _check_features(cfg: dict) -> None:
+    if cfg.get("k2_scheduler_config") is not None:
+        raise NotImplementedError(f"sampler.k2_scheduler_config (K2-DAPS) is {NOT_IMPLEMENTED}; "
+                                  "set sampler.k2_scheduler_config=null")
+    for name, (key, off, feature) in FEATURES.items():
+        sub = cfg.get(name) or {}
+        check_keys(sub, [key], f"sampler.{name}")
+        if sub.get(key, off) != off:
+            raise NotImplementedError(f"sampler.{name}.{key}={sub[key]}: {feature} is {NOT_IMPLEMENTED}; "
+                                      f"leave it at {off}")
 
 
 def build_sampler(sampler_cfg: dict, mcmc_cfg: dict) -> DAPS:
-    """The sampler of ``cfg.sampler`` with the task group's MCMC config."""
+    """The sampler of ``cfg.sampler`` with the task group's ``mcmc_sampler_config``: the one place that reads
+    the sampler's config."""
     cfg = dict(sampler_cfg)
-    latent = cfg.pop("latent", False)
-    allowed = {"annealing_scheduler_config", "diffusion_scheduler_config", "k2_scheduler_config"}
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ValueError(f"unknown sampler keys {unknown}; known: {sorted(allowed | {'latent'})}")
-    return DAPS(mcmc_sampler_config=mcmc_cfg, latent=latent, **cfg)
+    check_keys(cfg, SAMPLER_KEYS, "sampler")
+    _check_features(cfg)
+    mcmc = MCMCConfig.from_dict(mcmc_cfg)
+    ode_cfg = dict(cfg["diffusion_scheduler_config"])
+    check_keys(ode_cfg, ("name", "num_steps", "sigma_min", "timestep", "solver"), "sampler.diffusion_scheduler_config")
+    return DAPS(PresetSchedule.from_config(dict(cfg["annealing_scheduler_config"])), PFODE(**ode_cfg),
+                mcmc.kernel(), mcmc.target_spec(), latent=cfg.get("latent", False))

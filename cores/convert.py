@@ -8,20 +8,31 @@
   [q | k | v]). The timestep embedding is [cos, sin] with frequencies exp(-log(10^4) i / half), i.e.
   ``flip_sin_to_cos=True, freq_shift=0``. Learned-sigma nets keep all 2C output channels (the denoiser
   reads the first C).
+* The class-conditional LDM UNet (openaimodel with ``use_spatial_transformer``, ``context_dim``: the ImageNet
+  LDM cin256) -> ``UNet2DConditionModel``: each ``SpatialTransformer`` (GroupNorm, 1x1-conv proj_in, blocks of
+  self-attention, cross-attention on the context and a GEGLU feed-forward, 1x1-conv proj_out, residual) is a
+  ``Transformer2DModel`` with ``use_linear_projection=False`` under the same tensor names; the heads per level are
+  ``num_heads`` (or width / ``num_head_channels``), which diffusers reads from ``attention_head_dim``.
 * The taming / LDM ``VQModelInterface`` first stage -> ``VQModel`` (decoder levels in reverse order,
   1x1-conv attention -> linear layers; asymmetric downsampling padding is diffusers' padding=0 path).
+* The latent-diffusion ``ClassEmbedder`` (cond_stage_model, ``conditioning_key: crossattn``) -> a
+  ``torch.nn.Embedding`` of ours saved as ``class_embedding.safetensors``: context = embedding(label)[:, None, :]
+  (cores.models.ClassConditionalEps).
 
-No module of our own is needed: every part maps onto diffusers exactly (tests/test_convert.py checks the
-outputs against the reference implementation's on fixtures). Not supported, with an error that says so:
-cross-attention (class-conditional) UNets such as the ImageNet LDM (cin256), and attention in the
-autoencoder's encoder/decoder levels.
+tests/test_convert.py and tests/test_convert_cin.py check the outputs against the reference implementation's on
+fixtures. Not supported, with an error that says so: class-conditional ADM UNets (``class_cond``), and attention
+in the autoencoder's encoder/decoder levels.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
+import pickletools
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,11 +48,66 @@ UNSAFE_HELP = ("Loading it runs code stored in the file (pickle). If you trust w
                "scripts/convert_checkpoint.py).")
 
 
+def _pickle_damage(f: Any, count: int) -> str | None:
+    """Why the next ``count`` pickles of the binary file ``f`` do not parse (pickletools.genops reads the opcodes
+    without running any), None when they all end with STOP."""
+    for i in range(count):
+        try:
+            for _ in pickletools.genops(f):
+                pass
+        except ValueError as err:
+            return f"pickle {i + 1} does not parse: {str(err)[:120]}"
+    return None
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why ``path`` is not an intact torch.save file, None when its structure is intact.
+
+    Zip format (torch >= 1.6): the archive must open and its stored ``data.pkl`` parse (read through the member's
+    local header: torch.save may write zero CRC-32s, set_crc32_options). Legacy format: its first pickle must be
+    torch's magic number, and the protocol, system-info and object pickles after it must parse. Nothing is
+    unpickled, so this tells a damaged file (truncated, random bytes, not a checkpoint) apart from an intact one
+    that only weights_only loading refuses.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            try:
+                with zipfile.ZipFile(f) as zf:
+                    infos = [i for i in zf.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            except (zipfile.BadZipFile, EOFError, OSError) as err:
+                return f"damaged zip archive: {err}"
+            if not infos or infos[0].compress_type != zipfile.ZIP_STORED:
+                return "zip archive without a stored data.pkl"
+            f.seek(infos[0].header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            f.seek(infos[0].header_offset + 30 + name_len + extra_len)
+            return _pickle_damage(io.BytesIO(f.read(infos[0].file_size)), 1)
+        f.seek(0)
+        try:
+            magic = [arg for _, arg, _ in pickletools.genops(f)]
+        except ValueError:
+            magic = []
+        if torch.serialization.MAGIC_NUMBER not in magic:
+            return "neither a zip archive nor a legacy torch.save file"
+        return _pickle_damage(f, 3)
+
+
 def load_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
-    """torch.load with weights_only=True; anything else only with the explicit opt-in."""
+    """torch.load with weights_only=True; anything else only with the explicit opt-in.
+
+    A failing load is reported in one of two ways: a damaged file (:func:`checkpoint_damage`: a truncated
+    download, random bytes) as such, with the advice to download it again; an intact file that weights_only
+    loading refuses (it pickles other objects than tensors and containers) with the opt-in ``UNSAFE_HELP``.
+    Other errors of an intact file propagate unchanged.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # torch's unpickler raises many types on garbage (IndexError, RuntimeError, ...)
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({damage}): download it again") from err
+        if not isinstance(err, pickle.UnpicklingError):
+            raise
         if not allow_unsafe_pickle:
             raise ValueError(f"{path} holds objects that weights_only loading refuses ({str(err)[:300]}). "
                              f"{UNSAFE_HELP}") from err
@@ -59,13 +125,16 @@ def unet_spec(arch: dict) -> dict:
     """Normalise an ADM (guided-diffusion) or LDM (openaimodel) UNet config.
 
     ADM configs give ``num_channels`` and ``attention_resolutions`` as resolutions (ds = image_size / res);
-    LDM configs give ``model_channels`` and ``attention_resolutions`` as downsampling rates ds.
+    LDM configs give ``model_channels`` and ``attention_resolutions`` as downsampling rates ds. With
+    ``use_spatial_transformer`` (and ``context_dim``) the attention levels are SpatialTransformers: ``transformer``
+    holds their context_dim, depth and heads per level (openaimodel: ``num_heads``, or width // num_head_channels).
     """
     arch = dict(arch)
-    if arch.get("context_dim") is not None or arch.get("use_spatial_transformer") or arch.get("class_cond"):
-        raise ValueError("class-conditional / cross-attention UNets (e.g. the ImageNet LDM cin256, which the official "
-                         "code feeds the 'unconditional' class 1000) are not supported: UNet2DModel has no "
-                         "cross-attention. Use the pixel imagenet256ddpm model instead.")
+    if arch.get("class_cond"):
+        raise ValueError("class-conditional ADM UNets (class_cond: a label embedding added to the time embedding) "
+                         "are not supported")
+    if bool(arch.get("use_spatial_transformer")) != (arch.get("context_dim") is not None):
+        raise ValueError("use_spatial_transformer and context_dim go together (openaimodel UNetModel)")
     size = int(arch["image_size"])
     if "num_channels" in arch:  # ADM
         ch = int(arch["num_channels"])
@@ -81,23 +150,46 @@ def unet_spec(arch: dict) -> dict:
     levels = len(widths)
     attn = sorted(i for i in range(levels) if 2**i in ds)
     head_ch = int(arch.get("num_head_channels", -1))
-    if head_ch == -1:
+    updown = bool(arch.get("resblock_updown", False))
+    transformer = None
+    if arch.get("use_spatial_transformer"):
+        if updown:
+            raise ValueError("resblock_updown with spatial transformers is not supported")
+        transformer = {"context_dim": int(arch["context_dim"]), "depth": int(arch.get("transformer_depth", 1)),
+                       "heads": [int(arch["num_heads"]) if head_ch == -1 else w // head_ch for w in widths]}
+    elif head_ch == -1:
         heads = int(arch.get("num_heads", 1))
         dims = {widths[i] // heads for i in attn} | {widths[-1] // heads}  # the middle block has attention too
         if len(dims) > 1:
             raise ValueError("num_head_channels=-1 with attention at levels of different widths cannot be expressed "
                              "with one attention_head_dim in UNet2DModel")
         head_ch = dims.pop()
-    updown = bool(arch.get("resblock_updown", False))
     return {"sample_size": size, "in_channels": in_ch, "out_channels": out_ch, "widths": widths, "attn": attn,
             "num_res_blocks": int(arch["num_res_blocks"]), "head_ch": head_ch, "updown": updown,
+            "transformer": transformer,
             "scale_shift": bool(arch.get("use_scale_shift_norm", False)),
             "new_order": bool(arch.get("use_new_attention_order", False)), "dropout": float(arch.get("dropout", 0.0))}
 
 
 def unet_config(spec: dict) -> dict:
-    """UNet2DModel keyword arguments equivalent to the spec."""
+    """UNet2DModel keyword arguments equivalent to the spec; UNet2DConditionModel's with spatial transformers."""
     levels = range(len(spec["widths"]))
+    if spec["transformer"]:
+        t = spec["transformer"]
+        return dict(sample_size=spec["sample_size"], in_channels=spec["in_channels"],
+                    out_channels=spec["out_channels"], block_out_channels=tuple(spec["widths"]),
+                    layers_per_block=spec["num_res_blocks"],
+                    down_block_types=tuple("CrossAttnDownBlock2D" if i in spec["attn"] else "DownBlock2D"
+                                           for i in levels),
+                    mid_block_type="UNetMidBlock2DCrossAttn",
+                    up_block_types=tuple("CrossAttnUpBlock2D" if i in spec["attn"] else "UpBlock2D"
+                                         for i in reversed(levels)),
+                    attention_head_dim=tuple(t["heads"]),  # diffusers reads it as the number of heads (issue 2011)
+                    cross_attention_dim=t["context_dim"], transformer_layers_per_block=t["depth"],
+                    use_linear_projection=False, upcast_attention=False, norm_num_groups=32, norm_eps=1e-5,
+                    resnet_time_scale_shift="scale_shift" if spec["scale_shift"] else "default",
+                    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+                    mid_block_scale_factor=1, dropout=spec["dropout"])
     plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if spec["updown"] else \
         ("DownBlock2D", "UpBlock2D")
     return dict(sample_size=spec["sample_size"], in_channels=spec["in_channels"], out_channels=spec["out_channels"],
@@ -197,6 +289,14 @@ def _attention(src: _Source, dst: dict, a: str, b: str, head_ch: int, new_order:
     dst[f"{b}.to_out.0.bias"] = src.take(f"{a}.proj_out.bias")
 
 
+def _transformer(src: _Source, dst: dict, a: str, b: str) -> None:
+    """openaimodel SpatialTransformer -> Transformer2DModel: the same names below the block (norm, proj_in,
+    transformer_blocks.N.{norm1, attn1, norm2, attn2, norm3, ff.net.0.proj, ff.net.2}, proj_out)."""
+    head = src.prefix + a + "."
+    for key in sorted(k for k in src.keys if k.startswith(head)):
+        dst[f"{b}.{key[len(head):]}"] = src.take(key[len(src.prefix):])
+
+
 def convert_unet_state(sd: dict[str, torch.Tensor], spec: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     """The diffusers state dict of an ADM / openaimodel UNet; every checkpoint tensor must be used."""
     src, out = _Source(sd, prefix), {}
@@ -204,6 +304,8 @@ def convert_unet_state(sd: dict[str, torch.Tensor], spec: dict, prefix: str = ""
         if kind == "resnet":
             for ka, kb in RESNET.items():
                 _copy(src, out, f"{a}.{ka}", f"{b}.{kb}")
+        elif kind == "attn" and spec["transformer"]:
+            _transformer(src, out, a, b)
         elif kind == "attn":
             _attention(src, out, a, b, spec["head_ch"], spec["new_order"])
         else:
@@ -275,24 +377,52 @@ def convert_vq_state(sd: dict[str, torch.Tensor], spec: dict, prefix: str = "fir
     return out
 
 
-def _build(cls_name: str, config: dict, state: dict | None, device: str | torch.device):
-    """A diffusers model of the config; with ``state`` (cast to float32) loaded strictly (no missing or
-    unexpected keys), random weights without."""
-    import diffusers
+def class_spec(arch: dict) -> dict | None:
+    """The latent-diffusion ClassEmbedder of a class-conditional LDM (``cond_stage_config`` with
+    ``conditioning_key: crossattn``), None for an unconditional one."""
+    cond = arch.get("cond_stage_config")
+    if cond is None:
+        return None
+    if arch.get("conditioning_key") != "crossattn":
+        raise ValueError(f"conditioning_key {arch.get('conditioning_key')!r}: only crossattn (the class embedding as "
+                         f"the cross-attention context) is supported")
+    return {"num_classes": int(cond["n_classes"]), "embed_dim": int(cond["embed_dim"])}
 
+
+def convert_class_state(sd: dict[str, torch.Tensor], prefix: str = "cond_stage_model.") -> dict[str, torch.Tensor]:
+    """The nn.Embedding state dict of a ClassEmbedder (its only tensor: embedding.weight, n_classes x embed_dim)."""
+    src = _Source(sd, prefix)
+    out = {"weight": src.take("embedding.weight")}
+    if src.unused():
+        raise ValueError(f"class-embedder tensors not mapped: {src.unused()[:8]}")
+    return out
+
+
+def _build(cls: type, config: dict, state: dict | None, device: str | torch.device):
+    """A model of the class and config; with ``state`` (cast to float32) loaded strictly (no missing or
+    unexpected keys), random weights without."""
     with torch.device(device):
-        net = getattr(diffusers, cls_name)(**config)
+        net = cls(**config)
     if state is not None:
         net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=device == "meta")
     return net.eval()
 
 
 def build_unet(spec: dict, state: dict | None = None, device: str | torch.device = "cpu"):
-    return _build("UNet2DModel", unet_config(spec), state, device)
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    return _build(UNet2DConditionModel if spec["transformer"] else UNet2DModel, unet_config(spec), state, device)
 
 
 def build_vq(spec: dict, state: dict | None = None, device: str | torch.device = "cpu"):
-    return _build("VQModel", vq_config(spec), state, device)
+    from diffusers import VQModel
+
+    return _build(VQModel, vq_config(spec), state, device)
+
+
+def build_class_embedding(spec: dict, state: dict | None = None, device: str | torch.device = "cpu"):
+    return _build(torch.nn.Embedding, {"num_embeddings": spec["num_classes"], "embedding_dim": spec["embed_dim"]},
+                  state, device)
 
 
 def _source_stamp(path: Path) -> dict:
@@ -319,32 +449,49 @@ def ldm_parts(arch: dict, sd: dict[str, torch.Tensor] | None = None) -> Parts:
     """(modules, scheduler, denoiser.json fields) of an LDM: UNet and VQ first stage with the weights of the
     latent-diffusion state dict ``sd`` (random without), and the model's own sqrt-linear schedule (linear_start ->
     linear_end), checked against the state dict's ``alphas_cumprod`` when present; latent_scale is its
-    ``scale_factor`` (1 for VQ-f4)."""
+    ``scale_factor`` (1 for VQ-f4).
+
+    A class-conditional LDM (``cond_stage_config``: the ImageNet cin256) adds its ClassEmbedder as the module
+    ``class_embedding`` (an nn.Embedding) and ``class_conditional`` to the fields: the number of classes and the
+    unconditional class, the last one (cin256: 1001 classes, class 1000, which the official DAPS feeds)."""
     from diffusers import DDPMScheduler
 
-    spec, vspec = unet_spec(arch["unet_config"]), vq_spec(arch["first_stage_config"])
+    spec, vspec, cspec = unet_spec(arch["unet_config"]), vq_spec(arch["first_stage_config"]), class_spec(arch)
     given = sd or {}
-    if any(k.startswith("cond_stage_model.") for k in given):
-        raise ValueError("a class-conditional LDM (cond_stage_model.*): not supported (see unet_spec)")
+    if cspec is None and any(k.startswith("cond_stage_model.") for k in given):
+        raise ValueError("the checkpoint is class-conditional (cond_stage_model.*) but the architecture has no "
+                         "cond_stage_config (see configs/model/imagenet256ldm.yaml)")
+    if (cspec is None) != (spec["transformer"] is None):
+        raise ValueError("a class-conditional LDM needs both cond_stage_config and a cross-attention UNet (context_dim)")
+    if cspec and cspec["embed_dim"] != spec["transformer"]["context_dim"]:
+        raise ValueError(f"the class embedding's embed_dim {cspec['embed_dim']} differs from the UNet's context_dim "
+                         f"{spec['transformer']['context_dim']}")
     unet = build_unet(spec, None if sd is None else convert_unet_state(sd, spec, "model.diffusion_model."))
     vq = build_vq(vspec, None if sd is None else convert_vq_state(sd, vspec))
+    modules: dict[str, Any] = {"unet": unet, "vqvae": vq}
+    extra: dict[str, Any] = {}
+    if cspec:
+        modules["class_embedding"] = build_class_embedding(cspec, None if sd is None else convert_class_state(sd))
+        extra["class_conditional"] = {"num_classes": cspec["num_classes"],
+                                      "unconditional_class": cspec["num_classes"] - 1}
     sched = DDPMScheduler(num_train_timesteps=int(arch.get("timesteps", 1000)), beta_schedule="scaled_linear",
                           beta_start=float(arch.get("linear_start", 0.0015)), beta_end=float(arch.get("linear_end", 0.0195)))
     if "alphas_cumprod" in given and not torch.allclose(given["alphas_cumprod"].double(), sched.alphas_cumprod.double(),
                                                      rtol=1e-4, atol=1e-6):
         raise ValueError("its alphas_cumprod differ from the sqrt-linear schedule in the config")
     scale = float(given["scale_factor"]) if "scale_factor" in given else float(arch.get("scale_factor", 1.0))
-    return {"unet": unet, "vqvae": vq}, sched, {
+    return modules, sched, {
         "kind": "latent", "image_shape": [vspec["in_channels"], vspec["resolution"], vspec["resolution"]],
-        "sigma_mapping": "schedule", "autoencoder": "vq", "latent_scale": scale}
+        "sigma_mapping": "schedule", "autoencoder": "vq", "latent_scale": scale, **extra}
 
 
 PARTS = {"adm": adm_parts, "ldm": ldm_parts}
 
 
 def convert(kind: str, checkpoint: Path, arch: dict, out: Path, allow_unsafe_pickle: bool = False) -> Path:
-    """An official checkpoint of ``kind`` (adm: a guided-diffusion state dict; ldm: {'state_dict': ...}) ->
-    a diffusers folder (unet/, [vqvae/,] scheduler/, denoiser.json with the checkpoint's stamp)."""
+    """An official checkpoint of ``kind`` (adm: a guided-diffusion state dict; ldm: {'state_dict': ...}, class-
+    conditional when ``arch`` has a cond_stage_config) -> a diffusers folder (unet/, [vqvae/,] scheduler/,
+    [class_embedding.safetensors,] denoiser.json with the checkpoint's stamp)."""
     ckpt = load_checkpoint(checkpoint, allow_unsafe_pickle)
     try:
         modules, scheduler, meta = PARTS[kind](arch, ckpt.get("state_dict", ckpt))
@@ -356,11 +503,18 @@ def convert(kind: str, checkpoint: Path, arch: dict, out: Path, allow_unsafe_pic
 
 
 def write_folder(out: Path, modules: dict, scheduler: Any, meta: dict) -> None:
-    """A model folder for +model.name=diffusers, written beside ``out`` and then moved into place."""
+    """A model folder for +model.name=diffusers, written beside ``out`` and then moved into place. Diffusers
+    models go to their subfolder; an nn.Embedding (the class embedding) to ``<name>.safetensors``."""
+    from safetensors.torch import save_file
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for sub, module in modules.items():
-        module.save_pretrained(tmp / sub, safe_serialization=True)
+        if isinstance(module, torch.nn.Embedding):
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{sub}.safetensors")
+        else:
+            module.save_pretrained(tmp / sub, safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
     (tmp / "denoiser.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from cores.noise import ParticleNoise, SharedNoise
+from utils.config import check_keys
 from utils.device import end_step
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Kernel:
     lr: float
     lr_min_ratio: float = 1.0
     needs_log_prob = False
+    name = "kernel"
 
     def lr_at(self, ratio: float) -> float:
         return self.lr * (1.0 + ratio * (self.lr_min_ratio - 1.0))
@@ -134,10 +136,17 @@ class Kernel:
     def grad_evals(self) -> int:
         return self.num_steps
 
+    def describe(self) -> dict[str, Any]:
+        """The kernel's settings, for the results header and timing.json."""
+        return {"mc_algo": self.name, "mcmc_steps": self.num_steps, **{
+            k: v for k, v in vars(self).items() if k != "num_steps"}, "grad_evals_per_level": self.grad_evals()}
+
 
 @dataclass
 class Langevin(Kernel):
     """Unadjusted Langevin algorithm."""
+
+    name = "langevin"
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         loss = None
@@ -151,6 +160,8 @@ class Langevin(Kernel):
 @dataclass
 class DampedHMC(Kernel):
     """The official DAPS 'hmc': underdamped Langevin with momentum m, no Metropolis test."""
+
+    name = "hmc"
 
     momentum: float = 0.9
 
@@ -169,6 +180,8 @@ class DampedHMC(Kernel):
 @dataclass
 class MALA(Kernel):
     """Metropolis-adjusted Langevin: proposal N(x + lr g, 2 lr I), MH test with the reverse proposal."""
+
+    name = "mala"
 
     needs_log_prob = True
 
@@ -191,6 +204,8 @@ class MALA(Kernel):
 @dataclass
 class LeapfrogHMC(Kernel):
     """HMC with ``leapfrog_steps`` leapfrog steps of size sqrt(2 lr), unit mass, full momentum refresh, MH test."""
+
+    name = "hmc_mh"
 
     leapfrog_steps: int = 5
     needs_log_prob = True
@@ -221,6 +236,8 @@ class LeapfrogHMC(Kernel):
 class RandomWalkMH(Kernel):
     """Random-walk Metropolis: x' = x + sqrt(2 lr) n."""
 
+    name = "mh"
+
     needs_log_prob = True
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
@@ -235,9 +252,7 @@ class RandomWalkMH(Kernel):
         return KernelOutput(state[0], state[2], accepted / self.num_steps)
 
 
-KERNELS: dict[str, type[Kernel]] = {
-    "langevin": Langevin, "hmc": DampedHMC, "mala": MALA, "hmc_mh": LeapfrogHMC, "mh": RandomWalkMH,
-}
+KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Langevin, DampedHMC, MALA, LeapfrogHMC, RandomWalkMH)}
 KERNEL_ONLY_KEYS = {"momentum": "hmc", "leapfrog_steps": "hmc_mh"}
 
 
@@ -256,13 +271,18 @@ class MCMCConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def known_keys(cls) -> list[str]:
+        return sorted(set(cls.__dataclass_fields__) - {"extra"}) + sorted(KERNEL_ONLY_KEYS)
+
+    @classmethod
     def from_dict(cls, cfg: dict) -> "MCMCConfig":
         cfg = dict(cfg)
-        known = {k: cfg.pop(k) for k in list(cfg) if k in cls.__dataclass_fields__ and k != "extra"}
-        unknown = sorted(set(cfg) - set(KERNEL_ONLY_KEYS))
-        if unknown:
-            raise ValueError(f"unknown mcmc_sampler_config keys {unknown}; known: "
-                             f"{sorted(set(cls.__dataclass_fields__) - {'extra'}) + sorted(KERNEL_ONLY_KEYS)}")
+        try:
+            check_keys(cfg, cls.known_keys(), "mcmc_sampler_config")
+        except ValueError as err:
+            raise ValueError(f"unknown mcmc_sampler_config keys {sorted(set(cfg) - set(cls.known_keys()))}: "
+                             f"{err}") from None
+        known = {k: cfg.pop(k) for k in list(cfg) if k in cls.__dataclass_fields__}
         out = cls(**known, extra=cfg)
         out.validate()
         return out
@@ -282,6 +302,9 @@ class MCMCConfig:
         """w in exp(-w ||A(x) - y||^2)."""
         return LIKELIHOODS[self.likelihood] / self.tau**2
 
+    def target_spec(self) -> "TargetSpec":
+        return TargetSpec(self.data_weight, self.prior_solver, self.prior_sigma_min, self.likelihood)
+
     def kernel(self) -> Kernel:
         kwargs = {}
         for key, value in self.extra.items():
@@ -293,7 +316,20 @@ class MCMCConfig:
         return KERNELS[self.mc_algo](num_steps=self.num_steps, lr=self.lr, lr_min_ratio=self.lr_min_ratio, **kwargs)
 
 
-def make_target(cfg: MCMCConfig, denoiser: Any, loss: Callable[[torch.Tensor], torch.Tensor], xt: torch.Tensor,
+@dataclass(frozen=True)
+class TargetSpec:
+    """What each level's conditional pi looks like (module docstring): data weight w and prior solver."""
+
+    data_weight: float
+    prior_solver: str = "gaussian"
+    prior_sigma_min: float = 0.01
+    likelihood: str = "official"
+
+    def describe(self) -> dict[str, Any]:
+        return {"prior_solver": self.prior_solver, "likelihood": self.likelihood, "data_weight": self.data_weight}
+
+
+def make_target(cfg: MCMCConfig | TargetSpec, denoiser: Any, loss: Callable[[torch.Tensor], torch.Tensor], xt: torch.Tensor,
                 x0hat: torch.Tensor, sigma: float) -> Target:
     """The level's target pi for the configured prior solver (r = sigma_t, as the official DAPS)."""
     w, r = cfg.data_weight, sigma

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from utils.config import check_keys
 from utils.device import end_step
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
@@ -153,3 +154,67 @@ def step_ratio(step: int, num_levels: int) -> float:
     """Progress through the annealing used for step-size decay: step / (T - 1), 0 for a single level."""
     return step / (num_levels - 1) if num_levels > 1 else 0.0
 
+
+
+class Schedule:
+    """Role of an annealing schedule: which noise levels the DAPS loop visits.
+
+    The loop asks :meth:`start` for the first level, then after each level :meth:`next` with the level's
+    host-side per-particle statistics; ``None`` means that level was the last one (no noise is added after
+    it). :meth:`progress` in [0, 1] drives the MCMC step-size decay. A schedule may keep state for one
+    ``sample()`` call (an adaptive rule, like k-diffusion's step-size controller); :meth:`start` resets it.
+    """
+
+    def start(self) -> float:
+        raise NotImplementedError
+
+    def next(self, step: int, sigma: float, stats: dict[str, list]) -> float | None:
+        raise NotImplementedError
+
+    def progress(self, step: int, sigma: float) -> float:
+        raise NotImplementedError
+
+    @property
+    def planned_levels(self) -> int:
+        """Levels the schedule plans for (an upper bound for adaptive ones): progress bars, snapshot marks."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+ANNEALING_KEYS = ("name", "num_steps", "sigma_max", "sigma_min", "timestep", "beta_min", "beta_d")
+
+
+class PresetSchedule(Schedule):
+    """A fixed list of decreasing levels sigma_0 > ... > sigma_{T-1} (EDM, VE or VP; :func:`sigma_schedule`)."""
+
+    def __init__(self, levels: list[float]):
+        self.levels = [float(s) for s in levels]
+        if not self.levels or any(s <= 0 for s in self.levels):
+            raise ValueError(f"annealing levels must be a non-empty list of positive noise levels, got {levels}")
+        if any(b > a for a, b in zip(self.levels, self.levels[1:])):
+            raise ValueError("annealing levels must not increase")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "PresetSchedule":
+        """From ``sampler.annealing_scheduler_config`` (keys: :data:`ANNEALING_KEYS`)."""
+        check_keys(cfg, ANNEALING_KEYS, "sampler.annealing_scheduler_config")
+        return cls(sigma_schedule(**cfg).tolist())
+
+    def start(self) -> float:
+        return self.levels[0]
+
+    def next(self, step: int, sigma: float, stats: dict[str, list]) -> float | None:
+        return self.levels[step + 1] if step + 1 < len(self.levels) else None
+
+    def progress(self, step: int, sigma: float) -> float:
+        return step_ratio(step, len(self.levels))
+
+    @property
+    def planned_levels(self) -> int:
+        return len(self.levels)
+
+    def describe(self) -> dict:
+        return {"name": "preset", "anneal_steps": len(self.levels), "sigma_max": self.levels[0],
+                "sigma_min": self.levels[-1]}

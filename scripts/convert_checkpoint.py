@@ -2,8 +2,10 @@
 
     python scripts/convert_checkpoint.py --config configs/model/ffhq256ddpm.yaml [--checkpoint PATH] [--out DIR]
     python scripts/convert_checkpoint.py --config configs/model/ffhq256ldm.yaml --allow-unsafe-pickle   # see below
+    python scripts/convert_checkpoint.py --config configs/model/imagenet256ldm.yaml   # class-conditional cin256
 
-The architecture comes from the model config (its ``name``: adm | ldm). The checkpoint is read with
+The architecture comes from the model config (its ``name``: adm | ldm; an ldm with ``cond_stage_config`` is
+class-conditional and its folder holds class_embedding.safetensors). The checkpoint is read with
 torch.load(weights_only=True); a file that needs arbitrary unpickling is refused unless --allow-unsafe-pickle is
 given (unpickling can run code stored in the file: use it only for files from a source you trust).
 posterior_sample.py does the same conversion on first use and caches it in the config's ``converted`` folder.

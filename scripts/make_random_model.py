@@ -1,6 +1,10 @@
 """A random-weight model folder with the architecture of an official checkpoint (for benchmarks and pipeline checks).
 
     python scripts/make_random_model.py --config configs/model/ffhq256ddpm.yaml --out checkpoints/random/ffhq256ddpm
+    python scripts/make_random_model.py --config configs/model/imagenet256ldm.yaml --out checkpoints/random/imagenet256ldm
+
+The cin256 (imagenet256ldm) has a 400.9M-parameter UNet2DConditionModel, the 55.3M VQ-f4 and a 1001 x 512 class
+embedding (1.8 GB on disk).
 
 The UNet's output convolution is zero, as guided-diffusion / openaimodel initialise it, so eps = 0 and the denoiser
 is the identity: the sampler does all of its work and stays finite. The folder loads with

@@ -45,6 +45,9 @@ def check_outputs(root: Path, images: int, particles: int, levels: int, latent: 
                  "run.log"):
         assert (root / name).is_file(), name
     events = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()]
+    phases = [ev for ev in events if ev["event"] == "phase"]
+    events = [ev for ev in events if ev["event"] == "level"]
+    assert [p["phase"] for p in phases] == ["explore", None] * runs * -(-images // 10)
     assert len(events) == levels * runs * -(-images // 10)  # a line per level, per run and chunk (batch_size 10)
     for ev in events:
         assert {"step", "sigma", "next_sigma", "acceptance", "loss", "loss_per_particle", "elapsed_sec",
@@ -122,6 +125,18 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
     (["+sampler.diffusion_scheduler_config.solver=rk5"], "unknown ODE solver"),
     (["task.pixel_hmc.mcmc_sampler_config.mc_algo=ula"], "unknown mc_algo"),
     (["++sampler.k2_scheduler_config.name=k2"], "not implemented yet"),
+    (["+experiment=exp1_repulsion"], "sampler.repulsion.scale=10.0: particle repulsion (Exp 1) is not implemented yet"),
+    (["+experiment=exp2_pruning", "repulsion_scale=0"], "particle pruning (Exp 2) is not implemented yet"),
+    # typos fail with the key named and its nearest valid neighbour (they used to run with the defaults)
+    (["++num_sampels=4"], "unknown top-level key num_sampels (did you mean num_samples?)"),
+    (["+num_sample=4"], "unknown top-level key num_sample (did you mean num_samples?)"),
+    (["++sampler.annealing_scheduler_config.num_step=3"],
+     "unknown key sampler.annealing_scheduler_config.num_step (did you mean num_steps?)"),
+    (["++data.end_idd=3"], "unknown key data.end_idd (did you mean end_id?)"),
+    (["++model.component_sdt=0.1"], "unknown key model.component_sdt (did you mean component_std?)"),
+    (["++task.pixel.operator.oversampl=2"], "unknown key task.pixel.operator.oversampl (did you mean oversample?)"),
+    (["++task.pixel.mcmc_sampler_config.momentm=0.5"], "task.pixel.mcmc_sampler_config.momentm (did you mean momentum?)"),
+    (["++sampler.repulsion.scal=3"], "unknown key sampler.repulsion.scal (did you mean scale?)"),
 ])
 def test_bad_configuration_fails_before_compute(tmp_path, args, message):
     r = cli(["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps", "task_group=pixel_hmc",

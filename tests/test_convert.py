@@ -33,7 +33,8 @@ def fixture(name):
 def fixture_arch(name):
     """The architecture config of a fixture checkpoint, as the model configs give it."""
     cfg = fixture(name)
-    return cfg["config"] if "config" in cfg else {k: cfg[k] for k in ("unet_config", "first_stage_config")}
+    keys = ("unet_config", "first_stage_config", "cond_stage_config", "conditioning_key")
+    return cfg["config"] if "config" in cfg else {k: cfg[k] for k in keys if k in cfg}
 
 
 def test_adm_tiny_unet_and_vp_denoiser_match_the_reference(tmp_path):
@@ -100,10 +101,9 @@ def test_wrong_architecture_is_reported():
         convert.convert_unet_state(sd, convert.unet_spec(arch))
 
 
-def test_class_conditional_ldm_is_refused_with_a_reason():
-    arch = model_config("imagenet256ldm")["architecture"]
-    with pytest.raises(ValueError, match="class 1000"):
-        convert.unet_spec(arch["unet_config"])
+def test_class_conditional_adm_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="class_cond"):
+        convert.unet_spec(dict(fixture_arch("adm_tiny64"), class_cond=True))
 
 
 def test_unsafe_pickles_need_the_opt_in(tmp_path):
@@ -116,6 +116,51 @@ def test_unsafe_pickles_need_the_opt_in(tmp_path):
     with pytest.raises(ValueError, match="allow_unsafe_pickle=true"):
         convert.load_checkpoint(path)
     assert "callback" in convert.load_checkpoint(path, allow_unsafe_pickle=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_damaged_checkpoint_says_download_again_not_unsafe_pickle(tmp_path, damage):
+    """A truncated .pt (PytorchStreamReader error) or random bytes: one line naming the file, no pickle opt-in advice,
+    even with the opt-in given."""
+    path = tmp_path / "model.ckpt"
+    if damage == "truncated":
+        torch.save({"state_dict": {"w": torch.randn(64, 64)}}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.uint8).numpy().tobytes())
+    for opt_in in (False, True):
+        with pytest.raises(ValueError) as err:
+            convert.load_checkpoint(path, allow_unsafe_pickle=opt_in)
+        msg = str(err.value)
+        assert str(path) in msg and "damaged" in msg and "download it again" in msg and "\n" not in msg
+        assert "unsafe" not in msg and "allow_unsafe_pickle" not in msg
+
+
+def test_intact_files_are_not_called_damaged(tmp_path):
+    """checkpoint_damage: None for intact zip (also without CRC-32s) and legacy torch.save files, and for an unsafe
+    pickle; a zip whose data.pkl is cut short is damaged."""
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.ones(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.ones(3), "callback": Payload()}, tmp_path / "evil.pt")
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.ones(3)}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    for name in ("zip.pt", "legacy.pt", "evil.pt", "nocrc.pt"):
+        assert convert.checkpoint_damage(tmp_path / name) is None, name
+    data = bytearray((tmp_path / "zip.pt").read_bytes())
+    start = data.index(b"data.pkl") + len(b"data.pkl")  # the local header's name; its padding and the pickle follow
+    data[start:start + 200] = bytes(200)
+    (tmp_path / "cut.pt").write_bytes(bytes(data))
+    assert "does not parse" in convert.checkpoint_damage(tmp_path / "cut.pt")
+    assert convert.load_checkpoint(tmp_path / "legacy.pt")["w"].sum() == 3
 
 
 def test_missing_checkpoint_names_path_and_source(tmp_path):
@@ -136,9 +181,10 @@ def test_on_the_fly_conversion_is_cached(tmp_path):
     assert (tmp_path / "cache" / "denoiser.json").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("name, kind", [("adm_tiny64", "adm"), ("ldm_vq_tiny", "ldm")])
+@pytest.mark.parametrize("name, kind", [("adm_tiny64", "adm"), ("ldm_vq_tiny", "ldm"), ("ldm_cin_tiny", "ldm")])
 def test_random_model_is_an_identity_denoiser(tmp_path, name, kind):
-    """scripts/make_random_model.py: the parts of a conversion with random weights and a zero output conv."""
+    """scripts/make_random_model.py: the parts of a conversion with random weights and a zero output conv (the
+    class-conditional LDM with its class embedding)."""
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": kind, "architecture": fixture_arch(name)}))
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_model.py"), "--config",
                         str(tmp_path / "m.yaml"), "--out", str(tmp_path / "rand")], capture_output=True, text=True)
@@ -149,3 +195,4 @@ def test_random_model_is_an_identity_denoiser(tmp_path, name, kind):
         d = model.unet.denoise(x, 1.0) if kind == "ldm" else model.denoise(x, 1.0)
     torch.testing.assert_close(d, x)
     assert json.loads((tmp_path / "rand" / "denoiser.json").read_text())["random_weights"] is True
+    assert model.class_conditional == (tmp_path / "rand" / "class_embedding.safetensors").is_file() == ("cin" in name)

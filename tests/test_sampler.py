@@ -1,4 +1,7 @@
-"""The DAPS loop: batch invariance, NaN isolation, one host sync per level, last level, config errors."""
+"""The DAPS loop: batch invariance, NaN isolation, one host sync per level, last level, particle slicing,
+config errors."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +10,8 @@ from cores.mcmc import MCMCConfig
 from cores.models import build_model
 from cores.noise import ParticleNoise, particle_seed
 from cores.operators import PhaseRetrieval
-from sampler import DAPS, build_sampler
+from cores.scheduler import PFODE, PresetSchedule
+from sampler import DAPS, ParticleId, Particles, build_sampler, start_particles
 
 ANNEAL = {"name": "edm", "num_steps": 4, "sigma_max": 10.0, "sigma_min": 0.1}
 ODE = {"name": "edm", "num_steps": 2, "sigma_min": 0.01}
@@ -20,10 +24,20 @@ def mcmc(algo="hmc", **kw):
     return cfg
 
 
-def run(denoiser, sampler, seeds, y):
+def make(algo="hmc", latent=False, **kw) -> DAPS:
+    return build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE, "latent": latent},
+                         mcmc(algo, **kw))
+
+
+def particles(denoiser, sampler, seeds, ys):
     noise = ParticleNoise(seeds)
     x0 = sampler.initial_state(noise, denoiser.in_shape, torch.device("cpu"))
-    return sampler.sample(denoiser, PhaseRetrieval(), y.expand(len(seeds), *y.shape[1:]).clone(), x0, noise)
+    return start_particles([ParticleId(0, 0, k) for k in range(len(seeds))], ys, [0] * len(seeds), noise, x0)
+
+
+def run(denoiser, sampler, seeds, y, **kw):
+    ys = y.expand(len(seeds), *y.shape[1:]).clone()
+    return sampler.sample(denoiser, PhaseRetrieval(), particles(denoiser, sampler, seeds, ys), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +50,7 @@ def pixel(pixel_model_dir):
 @pytest.mark.parametrize("algo", ["hmc", "mala"])
 def test_particles_do_not_depend_on_their_batch(pixel, algo):
     d, y = pixel
-    s = DAPS(ANNEAL, ODE, mcmc(algo))
+    s = make(algo)
     seeds = [particle_seed(42, 0, k) for k in range(4)]
     together = run(d, s, seeds, y).x
     for k, seed in enumerate(seeds):
@@ -47,7 +61,7 @@ def test_particles_do_not_depend_on_their_batch(pixel, algo):
 
 def test_latent_daps_runs_and_decodes(latent_model_dir):
     d = build_model({"name": "diffusers", "path": str(latent_model_dir)})
-    s = DAPS(ANNEAL, ODE, mcmc(), latent=True)
+    s = make(latent=True)
     s.check(d)
     y = PhaseRetrieval()(torch.rand(1, 3, 16, 16) * 2 - 1)
     res = run(d, s, [1, 2], y)
@@ -56,25 +70,26 @@ def test_latent_daps_runs_and_decodes(latent_model_dir):
 
 def test_nonfinite_particle_is_stopped_and_others_continue(pixel):
     d, y = pixel
-    s = DAPS(ANNEAL, ODE, mcmc())
+    s = make()
     seeds = [11, 12, 13]
     ys = y.expand(3, *y.shape[1:]).clone()
     ys[1] = float("nan")
-    noise = ParticleNoise(seeds)
     events = []
-    res = s.sample(d, PhaseRetrieval(), ys, s.initial_state(noise, d.in_shape, torch.device("cpu")), noise,
-                   callback=events.append)
+    res = s.sample(d, PhaseRetrieval(), particles(d, s, seeds, ys), callback=events.append)
+    levels = [e for e in events if e["event"] == "level"]
     assert res.status == ["ok", "nonfinite", "ok"] and res.stopped_at[1] == 0
     assert torch.isnan(res.x[1]).all() and torch.isfinite(res.x[[0, 2]]).all()
-    assert events[0]["finite"] == [True, False, True] and events[1]["index"] == [0, 2]
+    assert levels[0]["finite"] == [True, False, True] and [i.sample for i in levels[1]["ids"]] == [0, 2]
     clean = run(d, s, [11, 13], y).x
     torch.testing.assert_close(res.x[[0, 2]], clean, rtol=1e-4, atol=1e-5)
 
 
-def test_one_host_sync_per_level(pixel, monkeypatch):
-    """No .item()/.tolist()/.cpu()/bool() on tensors in the loop except the one transfer per level."""
+@pytest.mark.parametrize("variant", ["preset"])
+def test_one_host_sync_per_level(pixel, monkeypatch, variant):
+    """No .item()/.tolist()/.cpu()/bool() on tensors in the loop except the transfers the sampler declares per
+    level (``host_syncs_per_level``: one for the level's statistics; a feature that needs more says so)."""
     d, y = pixel
-    s = DAPS(ANNEAL, ODE, mcmc("mala"))
+    s = {"preset": make("mala")}[variant]
     calls = []
     real_to_host = sampler_mod.to_host
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "cpu", "__bool__", "numpy")}
@@ -94,30 +109,31 @@ def test_one_host_sync_per_level(pixel, monkeypatch):
             for name in originals:
                 monkeypatch.setattr(torch.Tensor, name, forbidden(name))
 
-    noise = ParticleNoise([1, 2])
-    x0 = s.initial_state(noise, d.in_shape, torch.device("cpu"))
-    ys = y.expand(2, *y.shape[1:]).clone()
+    ps = particles(d, s, [1, 2], y.expand(2, *y.shape[1:]).clone())
     monkeypatch.setattr(sampler_mod, "to_host", counting_to_host)
     for name in originals:
         monkeypatch.setattr(torch.Tensor, name, forbidden(name))
     try:
-        s.sample(d, PhaseRetrieval(), ys, x0, noise)
+        res = s.sample(d, PhaseRetrieval(), ps)
     finally:
         for name, fn in originals.items():
             monkeypatch.setattr(torch.Tensor, name, fn)
-    assert len(calls) == len(s.levels)
+    assert len(calls) == s.host_syncs_per_level * res.used_levels and res.used_levels == ANNEAL["num_steps"]
 
 
 def test_no_noise_after_the_last_level(pixel):
     d, y = pixel
-    s = DAPS(ANNEAL, ODE, mcmc())
+    s = make()
     events = []
-    noise = ParticleNoise([5])
-    res = s.sample(d, PhaseRetrieval(), y.clone(), s.initial_state(noise, d.in_shape, torch.device("cpu")), noise,
-                   callback=events.append)
-    assert events[-1]["next_sigma"] == 0.0
-    torch.testing.assert_close(res.x, events[-1]["x0y"])
-    assert [e["sigma"] for e in events] == s.levels
+    res = run(d, s, [5], y, callback=events.append)
+    levels = [e for e in events if e["event"] == "level"]
+    assert levels[-1]["next_sigma"] == 0.0
+    torch.testing.assert_close(res.x, levels[-1]["x0y"])
+    assert [e["sigma"] for e in levels] == s.schedule.levels == res.levels
+    assert [e["phase"] for e in events if e["event"] == "phase"] == ["explore", None]
+    # network evaluations are counted as they happen: ODE steps per level (none at or below the ODE's sigma_min)
+    assert res.network_evals == sum(s.ode.network_evals(sig) for sig in res.levels) == 2 * ANNEAL["num_steps"]
+    assert res.particle_network_evals == res.network_evals
 
 
 def test_step_size_decays_to_lr_min_ratio_at_the_last_level():
@@ -130,10 +146,18 @@ def test_config_errors():
         MCMCConfig.from_dict(mcmc("ula"))
     with pytest.raises(ValueError, match="unknown mcmc_sampler_config keys"):
         MCMCConfig.from_dict({**mcmc(), "stepsize": 1})
-    with pytest.raises(ValueError, match="unknown sampler keys"):
+    with pytest.raises(ValueError, match=r"unknown key sampler.foo"):
         build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE, "foo": 1}, mcmc())
+    with pytest.raises(ValueError, match=r"annealing_scheduler_config.num_step \(did you mean num_steps\?\)"):
+        build_sampler({"annealing_scheduler_config": {**ANNEAL, "num_step": 3}, "diffusion_scheduler_config": ODE},
+                      mcmc())
     with pytest.raises(NotImplementedError, match="not implemented yet"):
-        DAPS(ANNEAL, ODE, mcmc(), k2_scheduler_config={"name": "k2"})
+        build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
+                       "k2_scheduler_config": {"name": "k2"}}, mcmc())
+    for feature, key, value in (("repulsion", "scale", 10.0), ("pruning", "step", 200), ("hard_dc", "step", 200)):
+        with pytest.raises(NotImplementedError, match=f"sampler.{feature}.{key}={value}.*not implemented yet"):
+            build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
+                           feature: {key: value}}, mcmc())
     cfg = MCMCConfig.from_dict(mcmc("mala", likelihood="gaussian"))
     assert cfg.data_weight == pytest.approx(0.5 / 0.05**2)
     assert MCMCConfig.from_dict(mcmc()).data_weight == pytest.approx(1 / 0.05**2)
@@ -142,14 +166,44 @@ def test_config_errors():
 def test_exact_prior_with_mh_needs_a_log_density(pixel):
     d, _ = pixel
     with pytest.raises(ValueError, match="log-density"):
-        DAPS(ANNEAL, ODE, mcmc("mala", prior_solver="exact")).check(d)
+        make("mala", prior_solver="exact").check(d)
     with pytest.raises(ValueError, match="latent"):
-        DAPS(ANNEAL, ODE, mcmc(), latent=True).check(d)
+        make(latent=True).check(d)
 
 
 @pytest.mark.parametrize("solver", ["score-t", "score-min"])
 def test_other_prior_solvers_run(pixel, solver):
     d, y = pixel
-    s = DAPS(ANNEAL, ODE, mcmc(prior_solver=solver))
+    s = make(prior_solver=solver)
     res = run(d, s, [3, 4], y)
     assert res.status == ["ok", "ok"] and torch.isfinite(res.x).all()
+
+
+def test_select_slices_every_field(pixel):
+    """Introspection: every field of Particles (and every feature state tensor) is sliced by select."""
+    d, y = pixel
+    s = make()
+    ps = particles(d, s, [1, 2, 3, 4], y.expand(4, *y.shape[1:]).clone())
+    ps.group = torch.tensor([0, 0, 1, 1])
+    ps.state = {"momentum": torch.arange(4.0)[:, None], "opt": {"exp_avg": torch.arange(4.0)}}
+    kept = ps.select([1, 3])
+    for f in dataclasses.fields(Particles):
+        value = getattr(kept, f.name)
+        assert len(value) == 2, f"Particles.{f.name} was not sliced"
+    assert kept.ids == [ParticleId(0, 0, 1), ParticleId(0, 0, 3)] and kept.row == [1, 3]
+    assert kept.group.tolist() == [0, 1] and kept.noise.seeds == [2, 4]
+    assert kept.state["momentum"].flatten().tolist() == [1.0, 3.0] and kept.state["opt"]["exp_avg"].tolist() == [1, 3]
+    torch.testing.assert_close(kept.x, ps.x[[1, 3]])
+    ps.state = {"bad": object()}
+    with pytest.raises(TypeError, match="Particles.state.bad"):
+        ps.select([0])
+
+
+def test_preset_schedule_role():
+    sched = PresetSchedule.from_config(ANNEAL)
+    assert sched.start() == pytest.approx(10.0) and sched.planned_levels == 4
+    assert [sched.next(k, 0.0, {}) for k in range(4)][-1] is None
+    assert sched.progress(0, 10.0) == 0.0 and sched.progress(3, 0.1) == 1.0
+    with pytest.raises(ValueError, match="must not increase"):
+        PresetSchedule([1.0, 2.0])
+    assert isinstance(make().ode, PFODE)

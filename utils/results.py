@@ -1,4 +1,5 @@
-"""The results folder of a run: per-image JSON, metrics.json, eval.md and timing.json.
+"""The results of a run: scoring, per-image JSON, samples, metrics.json, eval.md, timing.json, the grid, and
+the merge of the ranks' timings.
 
 Everything is rewritten (atomically) each time an image finishes, so an interrupted run leaves the
 metrics of every finished image. Metrics of a stopped (NaN/Inf) particle are null and excluded from
@@ -8,11 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
-from utils.events import dump_json
+import torch
+
+from utils.events import PhaseTimer, dump_json
+from utils.images import save_grid, save_png
 from utils.metrics import HIGHER_IS_BETTER
+
+GRID_MAX_IMAGES = 16
 
 
 def particle_stats(values: list[float | None], higher_is_better: bool) -> dict[str, Any]:
@@ -87,3 +94,99 @@ class Recorder:
         if nonfinite:
             lines.append(f"\n{nonfinite} particle(s) stopped for NaN/Inf and excluded from the scores.")
         return "\n".join(lines) + "\n"
+
+
+class RunResults:
+    """Scores finished images and writes every result file of the run (metrics on rank 0 only)."""
+
+    def __init__(self, parts: Any, timer: PhaseTimer):
+        self.parts, self.timer = parts, timer
+        self.root = parts.root
+        self.recorder = Recorder(self.root, parts.header(), parts.metric_names())
+        self.grid: list[dict[str, Any]] = []
+        self.images_done = self.network_evals = self.particle_network_evals = 0
+        self.used_levels: list[int] = []
+        self.t0 = time.perf_counter()
+
+    def add_sampling(self, used_levels: int, network_evals: int, particle_network_evals: int) -> None:
+        """What one ``sample()`` call really did (levels visited, denoiser calls)."""
+        self.used_levels.append(used_levels)
+        self.network_evals = max(self.network_evals, network_evals)
+        self.particle_network_evals += particle_network_evals
+
+    def finish_image(self, item: Any, gt: torch.Tensor, y: torch.Tensor, xs: torch.Tensor,
+                     status: list[tuple[str, int | None]]) -> None:
+        """Score the particles of one image (finite ones only), save its files and refresh metrics.json."""
+        parts = self.parts
+        rows = [k for k, (st, _) in enumerate(status) if st == "ok"]
+        scores: dict[str, list[float]] = {}
+        if rows:
+            y_norm = y.flatten().norm()
+            with torch.no_grad():
+                scores = parts.evaluator(gt.expand(len(rows), *gt.shape), xs[rows],
+                                         lambda x: parts.operator.loss(x, y.expand(len(x), *y.shape)).sqrt() / y_norm)
+        particles = []
+        for k, (st, at) in enumerate(status):
+            rec: dict[str, Any] = {"sample": k, "run": k // parts.cfg.num_samples, "status": st, "stopped_at_level": at}
+            for m in parts.metric_names():
+                rec[m] = scores[m][rows.index(k)] if st == "ok" else None
+            particles.append(rec)
+            if st == "ok" and parts.cfg.save_samples:
+                save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
+        self.recorder.add_image({"index": item.index, "name": item.name, "particles": particles})
+        self.images_done += 1
+        if len(self.grid) < GRID_MAX_IMAGES:
+            self.grid.append({"gt": gt.cpu(), "y": parts.operator.view(y[None], gt.shape)[0].cpu(),
+                              "x": [xs[k].cpu() if s == "ok" else None for k, (s, _) in enumerate(status)]})
+        if parts.dist.main:
+            timing = self.timing("running")
+            self.recorder.write("running", {"timing": timing})
+            dump_json(timing, self.root / "timing.json")
+            self.write_grid()
+
+    def local_timing(self) -> dict[str, Any]:
+        return {"rank": self.parts.dist.rank, "device": str(self.parts.device), "images_done": self.images_done,
+                "wall_sec": time.perf_counter() - self.t0,
+                "used_anneal_steps": max(self.used_levels, default=0),
+                "network_evals_per_particle": self.network_evals,
+                "particle_network_evals": self.particle_network_evals, "phases": self.timer.summary()}
+
+    def timing(self, status: str, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Wall-clock totals (slowest rank) and throughput over all ranks; per-phase times of rank 0.
+        Levels and network evaluations are counted as they happened, not predicted from the config."""
+        ranks = ranks or [self.local_timing()]
+        total = max(r["wall_sec"] for r in ranks)
+        done = sum(r["images_done"] for r in ranks)
+        sampling = max(sum(p["wall_sec"] for p in r["phases"].values()) for r in ranks)
+        s = self.parts.sampler.describe()
+        out = {"status": status, "total_wall_sec": total, "images_done": done,
+               "per_image_sec": total / done if done else None,
+               "sampling_wall_sec": sampling, "sampling_per_image_sec": sampling / done if done else None,
+               "particles_per_image": self.parts.particles_per_image, "batch_size_images": self.parts.cfg.batch_size,
+               "ode_steps": s["ode_steps"], "ode_solver": s["ode_solver"],
+               "anneal_steps_cfg": s["schedule"]["anneal_steps"],
+               "used_anneal_steps": max(r["used_anneal_steps"] for r in ranks),
+               "mcmc_steps": s["mcmc_steps"],
+               "network_evals_per_particle": max(r["network_evals_per_particle"] for r in ranks),
+               "particle_network_evals": sum(r["particle_network_evals"] for r in ranks),
+               "phases": ranks[0]["phases"], "world_size": self.parts.dist.world}
+        if self.parts.dist.world > 1:
+            out["ranks"] = ranks
+        return out
+
+    def write_grid(self) -> None:
+        if not self.grid:
+            return
+        columns = [[g["gt"], g["y"], *g["x"]] for g in self.grid]
+        rows = [[col[r] for col in columns] for r in range(2 + self.parts.particles_per_image)]
+        save_grid(rows, self.root / "grid_results.png")
+
+    def finish(self, status: str, ranks: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """The final metrics.json, timing.json, eval.md and grid (rank 0); returns the timing."""
+        timing = self.timing(status, ranks)
+        self.recorder.write(status, {"timing": timing,
+                                     "peak_memory": {k: v.get("peak_memory_bytes", v.get("peak_memory"))
+                                                     for k, v in timing["phases"].items()}})
+        dump_json(timing, self.root / "timing.json")
+        self.write_grid()
+        return timing

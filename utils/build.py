@@ -1,0 +1,137 @@
+"""Building and validating a run, before any compute and without writing a file.
+
+:func:`build_run` turns the composed config into the run's parts (device, data, operator, model, sampler,
+evaluator, results folder, this rank's images); every configuration or file problem becomes a
+:class:`UserError` of one line naming the key or file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from cores.models import Denoiser, build_model
+from cores.operators import Operator, build_operator
+from sampler import DAPS, build_sampler
+from utils.config import CONFIGS, check_composed, check_experiment_order
+from utils.data import Dataset, build_dataset
+from utils.device import Dist, device_info, eager_device, get_device, init_distributed
+from utils.metrics import Evaluator
+
+
+class UserError(Exception):
+    """A problem with the command line, config or files, reported without a traceback."""
+
+
+@dataclass
+class RunParts:
+    """Everything a run needs, built and checked."""
+
+    cfg: DictConfig
+    dist: Dist
+    device: Any
+    dataset: Dataset
+    operator: Operator
+    model: Denoiser
+    sampler: DAPS
+    evaluator: Evaluator
+    root: Path
+    shard: list[int]
+
+    @property
+    def particles_per_image(self) -> int:
+        return self.cfg.num_runs * self.cfg.num_samples
+
+    def metric_names(self) -> list[str]:
+        return [m for m in self.cfg.eval_fn_list if m not in self.evaluator.unavailable] + ["meas_err"]
+
+    def header(self) -> dict[str, Any]:
+        """The run's settings, for metrics.json."""
+        cfg = self.cfg
+        return {"name": cfg.name, "task": self.operator.name, "task_group": cfg.task_group,
+                "particles_per_image": self.particles_per_image, "num_samples": cfg.num_samples,
+                "num_runs": cfg.num_runs, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "eval": self.evaluator.status, "sampler": self.sampler.describe(), "device": device_info(self.device)}
+
+
+def container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _require(cfg: DictConfig, key: str, example: str) -> dict:
+    if key not in cfg or cfg[key] is None:
+        raise UserError(f"no {key} config selected: add +{key}={example} to the command line")
+    return container(cfg[key])
+
+
+def _step(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run a build step; turn configuration and file errors into a UserError naming the step."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError, NotImplementedError, TypeError, KeyError) as err:
+        raise UserError(f"{what}: {err}") from err
+
+
+def check_counts(cfg: DictConfig) -> None:
+    for key in ("num_samples", "num_runs", "batch_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+
+
+def results_folder(cfg: DictConfig) -> Path:
+    """<save_dir>/<name>, or <save_dir>/<name>/run<NNN> for job NNN of a Hydra multirun (sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    root = Path(cfg.save_dir) / cfg.name
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        root = root / f"run{HydraConfig.get().job.num:03d}"
+    return root
+
+
+def hydra_choices() -> tuple[Mapping[str, str | None], Sequence[Path]]:
+    """The selected option of each config group and the config folders searched (outside Hydra: none, ours)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}, (CONFIGS,)
+    rt = HydraConfig.get().runtime
+    folders = [Path(s.path) for s in rt.config_sources if s.schema == "file"]
+    return dict(rt.choices), [CONFIGS, *folders]
+
+
+def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
+              search: Sequence[Path] | None = None) -> RunParts:
+    """Check the config and build every part of the run (nothing is sampled, no file is written)."""
+    if choices is None:
+        choices, search = hydra_choices()
+    _step("config", check_composed, cfg, choices, search or (CONFIGS,))
+    _step("config", check_experiment_order, cfg, choices, search or (CONFIGS,))
+    check_counts(cfg)
+    data_cfg = _require(cfg, "data", "test-fmnist")
+    model_cfg = _require(cfg, "model", "fmnist32ddpm")
+    task_cfg = _require(cfg, "task", "phase_retrieval")
+    sampler_cfg = _require(cfg, "sampler", "edm_daps")
+    if cfg.task_group not in task_cfg:
+        raise UserError(f"task_group={cfg.task_group} is not defined by the task config; "
+                        f"choose one of {', '.join(task_cfg)}")
+    group = task_cfg[cfg.task_group]
+    sampler = _step("sampler", build_sampler, sampler_cfg, group["mcmc_sampler_config"])
+    dist = init_distributed(cfg.gpu, cfg.use_tpu)
+    device = _step("device", get_device, cfg.gpu, cfg.use_tpu, dist)
+    dataset = _step("data", build_dataset, data_cfg)
+    shape = tuple(dataset[0].image.shape)
+    operator = _step(f"operator (task.{cfg.task_group}.operator)", build_operator, group["operator"], cfg.seed)
+    operator = operator.to(device)
+    _step("operator input", operator.check_input, shape)
+    model = _step("model", build_model, model_cfg, device)
+    if tuple(model.image_shape) != shape:
+        raise UserError(f"data images are {shape} (C, H, W) but the model expects {model.image_shape}: "
+                        f"choose data with the model's resolution and channels (data.resolution, data.channels)")
+    _step("sampler", sampler.check, model)
+    evaluator = _step("eval_fn_list", Evaluator, list(cfg.eval_fn_list), eager_device(device), shape)
+    n = len(dataset)
+    shard = list(range(n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world))
+    return RunParts(cfg, dist, device, dataset, operator, model, sampler, evaluator, results_folder(cfg), shard)
