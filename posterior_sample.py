@@ -98,7 +98,10 @@ class Run:
             group = [position[pid.image] for pid in ids]
             noise = ParticleNoise([particle_seed(cfg.seed, pid.image, pid.sample) for pid in ids], dev)
             x_start = parts.sampler.initial_state(noise, parts.model.in_shape, dev)
-            particles = start_particles(ids, y[group], group, noise, x_start)
+            labels = None
+            if parts.model.class_conditional:
+                labels = parts.model.image_labels([it.index for it in items], [it.name for it in items])[group]
+            particles = start_particles(ids, y[group], group, noise, x_start, labels)
             self.observer.begin([it.index for it in items], run, cfg.num_runs)
             res = parts.sampler.sample(parts.model, parts.operator, particles, callback=self.observer,
                                        progress=self.observer.progress())

@@ -86,12 +86,14 @@ def _slice(value: Any, keep: list[int], idx: torch.Tensor, name: str) -> Any:
 
 
 def start_particles(ids: list[ParticleId], y: torch.Tensor, group: list[int], noise: ParticleNoise | SharedNoise,
-                    x: torch.Tensor) -> Particles:
-    """Particles at their initial state ``x``; ``y`` holds one measurement per particle, ``group`` its index."""
+                    x: torch.Tensor, class_labels: torch.Tensor | None = None) -> Particles:
+    """Particles at their initial state ``x``; ``y`` holds one measurement per particle, ``group`` its index,
+    ``class_labels`` (class-conditional models) one label per particle."""
     if not len(ids) == len(y) == len(group) == len(noise) == len(x):
         raise ValueError(f"particles disagree in number: ids {len(ids)}, y {len(y)}, group {len(group)}, "
                          f"noise {len(noise)}, x {len(x)}")
-    return Particles(x, y, index_tensor(group, x.device), list(ids), list(range(len(ids))), noise)
+    state = {} if class_labels is None else {"class_label": class_labels}
+    return Particles(x, y, index_tensor(group, x.device), list(ids), list(range(len(ids))), noise, state)
 
 
 @dataclass
@@ -203,6 +205,8 @@ class DAPS:
         emit({"event": "phase", "phase": "explore", "step": 0})
         sigma, step = self.schedule.start(), 0
         while sigma is not None and len(state):
+            if "class_label" in state.state:  # labels are per-particle state: they follow every select
+                denoiser.condition(state.state["class_label"])
             # 1. reverse diffusion to the level's prior mean
             x0hat = self.ode.solve(net.denoise, state.x, sigma)
             # 2. MCMC on the level's conditional pi_k (data term + Gaussian around x0hat)
@@ -232,6 +236,8 @@ class DAPS:
             with torch.no_grad():
                 final = denoiser.decode(state.x) if self.latent else state.x
             out_x[index_tensor(state.row, out_x.device)] = final.detach().to(out_x.dtype)
+        if "class_label" in particles.state:
+            denoiser.condition(None)
         return SampleResult(out_x, list(particles.ids), status, stopped_at, levels, net.calls, net.particle_calls)
 
 
