@@ -15,6 +15,7 @@ from utils.events import EventLog, PhaseTimer, summarise
 from utils.images import save_grid
 
 TRAJ_SNAPSHOTS = 10
+LEVEL_KEYS = {"event", "step", "sigma", "next_sigma", "ids", "loss", "acceptance", "finite", "x0hat", "x0y"}
 
 
 class RunObserver:
@@ -42,11 +43,12 @@ class RunObserver:
         return lambda total: tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def __call__(self, ev: dict[str, Any]) -> None:
+        if ev["event"] == "level":
+            self.on_level(ev)
+            return
         if ev["event"] == "phase":
             self.timer.enter(ev["phase"])
-            self.events.write({"event": "phase", **self.context, "phase": ev["phase"], "step": ev["step"]})
-        elif ev["event"] == "level":
-            self.on_level(ev)
+        self.events.write({**ev, **self.context})  # phase, and features' own events (prune, reheat, ...)
 
     def on_level(self, ev: dict[str, Any]) -> None:
         self.timer.step()
@@ -57,7 +59,8 @@ class RunObserver:
             "loss": summarise(ev["loss"]), "loss_per_particle": ev["loss"],
             "acceptance": summarise(ev["acceptance"]) if ev["acceptance"] is not None else None,
             "acceptance_per_particle": ev["acceptance"],
-            "nonfinite": [n for n, ok in zip(names, ev["finite"]) if not ok]})
+            "nonfinite": [n for n, ok in zip(names, ev["finite"]) if not ok],
+            **{k: v for k, v in ev.items() if k not in LEVEL_KEYS}})  # features' sub-dicts (k2, repulsion, ...)
         if self.trajectory_dir is not None and ev["step"] in self.marks:
             with torch.no_grad():
                 pics = [self.model.decode(ev[k]).cpu() for k in ("x0hat", "x0y")]
