@@ -3,6 +3,8 @@
 * :class:`GaussianMixtureDenoiser`: an analytic prior with the exact denoiser at every sigma;
 * :class:`VPEpsDenoiser`: a diffusers ``UNet2DModel`` trained for DDPM epsilon prediction, behind
   VP preconditioning (EDM table 1): D(x, sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma));
+* :class:`ClassConditionalEps`: the same for a cross-attention ``UNet2DConditionModel`` whose context is a
+  class embedding (the ImageNet LDM cin256), with per-particle class labels;
 * :class:`LatentDenoiser`: such a UNet on the latents of a diffusers ``VQModel`` or ``AutoencoderKL``.
 
 t(sigma) maps a noise level to the network's timestep: :class:`ScheduleTimesteps` inverts the
@@ -13,6 +15,7 @@ Models are built by name from the model config through :func:`build_model`.
 from __future__ import annotations
 
 import bisect
+import csv
 import json
 import logging
 import math
@@ -32,11 +35,20 @@ class Denoiser(torch.nn.Module):
     """Base class of the denoiser role. ``in_shape`` is one particle's state, ``image_shape`` its image."""
 
     latent = False
+    class_conditional = False
     in_shape: tuple[int, ...]
     image_shape: tuple[int, ...]
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def condition(self, labels: int | Sequence[int] | torch.Tensor | None) -> None:
+        """Class labels of the following denoise calls (class-conditional models: see ClassConditionalEps)."""
+        raise TypeError(f"{type(self).__name__} is not class-conditional")
+
+    def image_labels(self, indices: Sequence[int], names: Sequence[str]) -> torch.Tensor:
+        """The class label of each image (class-conditional models: see ClassConditionalEps)."""
+        raise TypeError(f"{type(self).__name__} is not class-conditional")
 
     def score(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """grad log p_sigma(x) = (D(x, sigma) - x) / sigma^2 (Tweedie)."""
@@ -140,14 +152,24 @@ class ScheduleTimesteps:
 
 
 class VPTimesteps:
-    """The continuous VP map of the official ADM checkpoints: t = (M - 1) t_vp(sigma), beta 0.1 / 19.9, M = 1000."""
+    """The continuous VP map of the official ADM checkpoints: t = (M - 1) t_vp(sigma), beta 0.1 / 19.9, M = 1000,
+    t_vp(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d (EDM's VPPrecond.sigma_inv).
 
-    def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, num_train_timesteps: int = 1000):
+    ``float32``: evaluate it as the official DAPS VPPrecond does, in float32 with log(1 + sigma^2) (bit for bit;
+    float64 differs by 1.5e-5 relative at sigma 0.05, and more below, where 1 + sigma^2 rounds in float32)."""
+
+    def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, num_train_timesteps: int = 1000,
+                 float32: bool = False):
         self.beta_min, self.beta_d, self.num_train_timesteps = beta_min, beta_d, num_train_timesteps
+        self.float32 = float32
         self.sigma_max = float(vp_sigma(torch.tensor(1.0, dtype=torch.float64), beta_min, beta_d))
         self.sigma_min = 0.0
 
     def timestep(self, sigma: float) -> float:
+        if self.float32:
+            s = torch.tensor(float(sigma), dtype=torch.float32)
+            t32 = ((self.beta_min**2 + 2 * self.beta_d * (1 + s**2).log()).sqrt() - self.beta_min) / self.beta_d
+            return float((self.num_train_timesteps - 1) * t32)
         t_vp = (math.sqrt(self.beta_min**2 + 2 * self.beta_d * math.log1p(sigma**2)) - self.beta_min) / self.beta_d
         return (self.num_train_timesteps - 1) * t_vp
 
@@ -164,8 +186,10 @@ def timestep_map(mapping: str, alphas_cumprod: torch.Tensor | None) -> ScheduleT
         if alphas_cumprod is None:
             raise ValueError("sigma_mapping 'schedule' needs the checkpoint's noise schedule")
         return ScheduleTimesteps(alphas_cumprod)
-    if mapping in ("vp", "daps_official"):
+    if mapping == "vp":
         return VPTimesteps()
+    if mapping == "daps_official":
+        return VPTimesteps(float32=True)
     raise ValueError(f"unknown sigma_mapping {mapping!r}: choose one of {', '.join(SIGMA_MAPPINGS)}")
 
 
@@ -212,6 +236,100 @@ class VPEpsDenoiser(Denoiser):
         return self.timesteps.sigma(t * (self.timesteps.num_train_timesteps - 1) / 1000.0)
 
 
+def read_class_labels(path: str | Path) -> dict[str, int]:
+    """Class labels per image from a JSON object {key: label} or a CSV file of rows ``key,label`` (a first row
+    whose label is not an integer is a header). A key is an image's file name, its file stem or its index."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class labels file not found: {path.resolve()}")
+    if path.suffix.lower() == ".json":
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: expected a JSON object {{image index or file name: class label}}")
+        rows = list(table.items())
+    else:
+        rows = [r for r in csv.reader(path.read_text().splitlines()) if r]
+        if rows and not rows[0][-1].strip().lstrip("-").isdigit():
+            rows = rows[1:]
+        if any(len(r) != 2 for r in rows):
+            raise ValueError(f"{path}: expected two columns per row, image (index or file name) and class label")
+    try:
+        return {str(k).strip(): int(v) for k, v in rows}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: class labels must be integers ({err})") from err
+
+
+class ClassConditionalEps(VPEpsDenoiser):
+    """VPEpsDenoiser of a cross-attention UNet (``UNet2DConditionModel``) conditioned on a class label, as the
+    ImageNet LDM cin256: eps(x, t, context) with context = embedding(label)[:, None, :] (latent-diffusion
+    ClassEmbedder, ``conditioning_key: crossattn``), shape (B, 1, embed_dim).
+
+    Labels: every row of x gets ``class_label`` (the official DAPS: 1000, the unconditional class of cin256) unless
+    :meth:`condition` set one label per row. The run conditions each batch of particles once, before sampling it:
+    ``model.condition(model.image_labels(indices, names).repeat_interleave(particles_per_image))`` (labels in the
+    order of the particle batch), and ``model.condition(None)`` after it; a batch that shrinks (pruning) must be
+    conditioned again with the labels of the rows it keeps. ``image_labels`` reads ``label_table`` (the model
+    config's ``class_labels_file``, see :func:`read_class_labels`) and gives ``class_label`` without one.
+    """
+
+    class_conditional = True
+
+    def __init__(self, net: torch.nn.Module, embedding: torch.nn.Embedding, timesteps: ScheduleTimesteps | VPTimesteps,
+                 shape: Sequence[int], class_label: int, label_table: dict[str, int] | None = None, **kwargs: Any):
+        super().__init__(net, timesteps, shape, **kwargs)
+        self.embedding = embedding.eval().requires_grad_(False)
+        self.num_classes = embedding.num_embeddings
+        self.class_label = self._check(torch.tensor([int(class_label)]), "class_label").item()
+        self.label_table = dict(label_table or {})
+        self._check(torch.tensor(list(self.label_table.values()), dtype=torch.long), "class_labels_file")
+        self.labels: torch.Tensor | None = None
+
+    def _check(self, labels: torch.Tensor, what: str) -> torch.Tensor:
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"{what}: class labels must lie in [0, {self.num_classes - 1}], got "
+                             f"{sorted(set(labels.tolist()))[:8]}")
+        return labels
+
+    def condition(self, labels: int | Sequence[int] | torch.Tensor | None) -> None:
+        """None: ``class_label`` for every row; an int: that label for every row; a 1-D sequence / tensor: one
+        label per row of the x that the following denoise calls receive."""
+        if labels is None:
+            self.labels = None
+            return
+        t = torch.as_tensor(labels, dtype=torch.long)
+        if t.dim() > 1:
+            raise ValueError(f"condition() takes an int or one label per row, got shape {tuple(t.shape)}")
+        self.labels = self._check(t.cpu(), "condition").to(self.device)
+
+    def image_labels(self, indices: Sequence[int], names: Sequence[str]) -> torch.Tensor:
+        """Label of each image (its global index and file name): the label table's entry for its file name, else
+        its file stem, else its index; ``class_label`` for every image without a table. An image the table
+        misses is an error."""
+        if not self.label_table:
+            return torch.full((len(indices),), self.class_label, dtype=torch.long)
+        out = []
+        for i, name in zip(indices, names, strict=True):
+            key = next((k for k in (name, Path(name).stem, str(int(i))) if k in self.label_table), None)
+            if key is None:
+                raise KeyError(f"class_labels_file has no label for image {i} ({name}): give it a row")
+            out.append(self.label_table[key])
+        return torch.tensor(out, dtype=torch.long)
+
+    def context(self, batch: int) -> torch.Tensor:
+        """The cross-attention context (batch, 1, embed_dim) of the current labels."""
+        if self.labels is None or self.labels.dim() == 0:
+            label = self.class_label if self.labels is None else self.labels
+            return self.embedding.weight[label].expand(batch, 1, -1)
+        if self.labels.shape[0] != batch:
+            raise ValueError(f"condition() set {self.labels.shape[0]} class labels but the batch has {batch} rows: "
+                             f"condition the model again after the batch changes")
+        return self.embedding(self.labels)[:, None, :]
+
+    def eps(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.net(x_in, t, encoder_hidden_states=self.context(x_in.shape[0]))
+        return out.sample[:, : self.eps_channels]
+
+
 class LatentDenoiser(Denoiser):
     """A latent-space denoiser with an autoencoder: x = decode(z) = AE.decode(z / latent_scale)."""
 
@@ -228,6 +346,16 @@ class LatentDenoiser(Denoiser):
 
     def denoise(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
         return self.unet.denoise(z, sigma)
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.unet.class_conditional
+
+    def condition(self, labels: int | Sequence[int] | torch.Tensor | None) -> None:
+        self.unet.condition(labels)
+
+    def image_labels(self, indices: Sequence[int], names: Sequence[str]) -> torch.Tensor:
+        return self.unet.image_labels(indices, names)
 
     def sigma_at_time(self, t: float) -> float:
         return self.unet.sigma_at_time(t)
@@ -257,28 +385,45 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
 
 @register("diffusers")
 def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "float32", quantize: bool = True,
-                    channels_last: bool = False, **unused: Any) -> Denoiser:
-    """A pixel or latent model folder: ``denoiser.json``, ``unet/``, ``scheduler/`` (+ ``vqvae/`` or ``vae/``).
+                    channels_last: bool = False, class_label: int | None = None, class_labels_file: str | None = None,
+                    **unused: Any) -> Denoiser:
+    """A pixel or latent model folder: ``denoiser.json``, ``unet/``, ``scheduler/`` (+ ``vqvae/`` or ``vae/``,
+    + ``class_embedding.safetensors`` for a class-conditional UNet).
 
     ``denoiser.json`` holds kind ('pixel' | 'latent'), image_shape, the default sigma_mapping and, for
     latent models, autoencoder ('vq' | 'kl') and latent_scale; ``scheduler/`` is the diffusers
-    DDPMScheduler the UNet was trained with (its alphas_cumprod map sigma to the timestep).
+    DDPMScheduler the UNet was trained with (its alphas_cumprod map sigma to the timestep). With
+    ``class_conditional`` ({num_classes, unconditional_class}) the UNet is a UNet2DConditionModel behind
+    :class:`ClassConditionalEps`: ``class_label`` (default: the unconditional class) and ``class_labels_file``
+    (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors.
     """
     if unused:
         raise ValueError(f"unknown diffusers model keys: {sorted(unused)}")
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel, VQModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
 
     root = Path(path)
     meta_path = root / "denoiser.json"
     if not meta_path.is_file():
         raise _missing(meta_path, "model folder (denoiser.json)")
     meta = json.loads(meta_path.read_text())
-    unet = UNet2DModel.from_pretrained(str(root / "unet"), use_safetensors=True)
+    cond = meta.get("class_conditional")
+    unet = (UNet2DConditionModel if cond else UNet2DModel).from_pretrained(str(root / "unet"), use_safetensors=True)
     abar = DDPMScheduler.from_pretrained(str(root / "scheduler")).alphas_cumprod
     mapping = timestep_map(sigma_mapping or meta.get("sigma_mapping", "schedule"), abar)
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    eps_net = VPEpsDenoiser(unet, mapping, latent_shape, eps_channels=meta.get("eps_channels"), dtype=dtype,
-                            channels_last=channels_last)
+    kwargs = dict(eps_channels=meta.get("eps_channels"), dtype=dtype, channels_last=channels_last)
+    if cond:
+        from safetensors.torch import load_file
+
+        embedding = torch.nn.Embedding.from_pretrained(load_file(root / "class_embedding.safetensors")["weight"])
+        eps_net: VPEpsDenoiser = ClassConditionalEps(
+            unet, embedding, mapping, latent_shape,
+            class_label=cond["unconditional_class"] if class_label is None else class_label,
+            label_table=read_class_labels(class_labels_file) if class_labels_file else None, **kwargs)
+    elif class_label is not None or class_labels_file:
+        raise ValueError(f"{root} is not class-conditional: class_label / class_labels_file do not apply")
+    else:
+        eps_net = VPEpsDenoiser(unet, mapping, latent_shape, **kwargs)
     if meta["kind"] == "pixel":
         return eps_net
     if meta["kind"] != "latent":
@@ -310,7 +455,9 @@ def adm_model(checkpoint: str, architecture: dict, converted: str, sigma_mapping
 def ldm_model(checkpoint: str, architecture: dict, converted: str, sigma_mapping: str | None = "schedule",
               **kwargs: Any) -> Denoiser:
     """An official LDM checkpoint (UNet + VQ-f4), converted on first use; sigma_mapping 'schedule' uses the
-    checkpoint's sqrt-linear betas, 'daps_official' the pixel VP map of the official LatentDAPS."""
+    checkpoint's sqrt-linear betas, 'daps_official' the pixel VP map of the official LatentDAPS. A class-conditional
+    one (the ImageNet cin256, ``cond_stage_config`` in the architecture) also takes ``class_label`` and
+    ``class_labels_file`` (see :func:`diffusers_model`)."""
     return _official("ldm", checkpoint, architecture, converted, sigma_mapping=sigma_mapping, **kwargs)
 
 
