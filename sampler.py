@@ -13,6 +13,9 @@ feature's state) lives in :class:`Particles`, so removing particles (a NaN, late
 at once. The loop keeps no state between calls. It makes one host synchronisation per level: the
 per-particle statistics of the level are copied to the host in one transfer (:func:`level_stats_to_host`),
 handed to the schedule and emitted as a ``level`` event through the one callback.
+
+The schedule is the preset's (:class:`~cores.scheduler.PresetSchedule`) or, with ``sampler.k2_scheduler_config``,
+K2-DAPS's (:class:`~cores.k2.K2Schedule`: the next level by the conditional ESS; one sigma for the whole batch).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from cores.k2 import K2Schedule, k2_settings
 from cores.mcmc import Kernel, MCMCConfig, TargetSpec, make_target
 from cores.models import Denoiser
 from cores.noise import ParticleNoise, SharedNoise
@@ -181,7 +185,8 @@ class DAPS:
         """What the results header and timing.json say about the sampler (settings, not measurements)."""
         return {"latent": self.latent, "schedule": self.schedule.describe(), "ode_steps": self.ode.num_steps,
                 "ode_solver": self.ode.solver, "ode_sigma_min": self.ode.sigma_min, **self.kernel.describe(),
-                **self.target.describe(), "couples": "none (each particle is independent of its batch)"}
+                **self.target.describe(),
+                "couples": self.schedule.couples or "none (each particle is independent of its batch)"}
 
     def initial_state(self, noise: ParticleNoise | SharedNoise, shape: tuple[int, ...], device: torch.device
                       ) -> torch.Tensor:
@@ -192,9 +197,11 @@ class DAPS:
         """Run the loop for a batch of particles (:func:`start_particles`).
 
         ``callback`` receives typed events: ``phase`` (``phase``: the phase that starts, None at the end) and,
-        once per level, ``level`` with the level's host-side statistics, the particles' ``ids`` and the device
-        tensors ``x0hat`` and ``x0y``.
+        once per level, ``level`` with the level's host-side statistics (``loss``, ``acceptance``, ``finite``),
+        the schedule's report (``k2`` with K2 on), the particles' ``ids`` and the device tensors ``x0hat`` and
+        ``x0y``.
         """
+        self.schedule.check_batch([pid.image for pid in particles.ids])
         emit = callback or (lambda event: None)
         net = CountingDenoiser(denoiser)
         op = LatentOperator(operator, denoiser.decode) if self.latent else operator
@@ -212,15 +219,19 @@ class DAPS:
             # 2. MCMC on the level's conditional pi_k (data term + Gaussian around x0hat)
             target = make_target(self.target, net, lambda x, yy=state.y: op.loss(x, yy), state.x, x0hat, sigma)
             out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))
-            # 3. the level's statistics: the one host synchronisation of the level
+            # 3. the level's statistics: the one host synchronisation of the level (x0_shift: mean squared
+            #    distance of x0y from the level's Gaussian mean, the sigma-dependent factor that K2 weighs)
             host = level_stats_to_host({"loss": out.loss, "acceptance": out.acceptance,
-                                        "finite": torch.isfinite(out.x).flatten(1).all(1)})
-            # 4. the next level; no noise after the last one
+                                        "finite": torch.isfinite(out.x).flatten(1).all(1),
+                                        "x0_shift": (out.x - target.prior_mean).pow(2).flatten(1).mean(1),
+                                        "group": state.group})
+            # 4. the next level (preset or K2); no noise after the last one
             next_sigma = self.schedule.next(step, sigma, host)
             state.x = out.x if next_sigma is None else out.x + next_sigma * state.noise.randn_like(out.x)
             levels.append(sigma)
             emit({"event": "level", "step": step, "sigma": sigma, "next_sigma": next_sigma or 0.0,
-                  "ids": list(state.ids), **host, "x0hat": x0hat, "x0y": out.x})
+                  "ids": list(state.ids), "loss": host["loss"], "acceptance": host["acceptance"],
+                  "finite": host["finite"], **self.schedule.report(), "x0hat": x0hat, "x0y": out.x})
             # 5. particles that produced NaN/Inf stop here
             state = drop_nonfinite(state, host["finite"], step, sigma, status, stopped_at)
             if bar is not None:
@@ -250,9 +261,6 @@ FEATURES = {"repulsion": ("scale", 0.0, "particle repulsion (Exp 1)"),
 
 
 def _check_features(cfg: dict) -> None:
-    if cfg.get("k2_scheduler_config") is not None:
-        raise NotImplementedError(f"sampler.k2_scheduler_config (K2-DAPS) is {NOT_IMPLEMENTED}; "
-                                  "set sampler.k2_scheduler_config=null")
     for name, (key, off, feature) in FEATURES.items():
         sub = cfg.get(name) or {}
         check_keys(sub, [key], f"sampler.{name}")
@@ -270,5 +278,8 @@ def build_sampler(sampler_cfg: dict, mcmc_cfg: dict) -> DAPS:
     mcmc = MCMCConfig.from_dict(mcmc_cfg)
     ode_cfg = dict(cfg["diffusion_scheduler_config"])
     check_keys(ode_cfg, ("name", "num_steps", "sigma_min", "timestep", "solver"), "sampler.diffusion_scheduler_config")
-    return DAPS(PresetSchedule.from_config(dict(cfg["annealing_scheduler_config"])), PFODE(**ode_cfg),
-                mcmc.kernel(), mcmc.target_spec(), latent=cfg.get("latent", False))
+    schedule: Schedule = PresetSchedule.from_config(dict(cfg["annealing_scheduler_config"]))
+    k2 = k2_settings(cfg.get("k2_scheduler_config"))
+    if k2 is not None:  # K2-DAPS wraps the preset: warm-up levels, floor, level count
+        schedule = K2Schedule(schedule, **k2)
+    return DAPS(schedule, PFODE(**ode_cfg), mcmc.kernel(), mcmc.target_spec(), latent=cfg.get("latent", False))

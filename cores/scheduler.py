@@ -160,13 +160,25 @@ class Schedule:
     """Role of an annealing schedule: which noise levels the DAPS loop visits.
 
     The loop asks :meth:`start` for the first level, then after each level :meth:`next` with the level's
-    host-side per-particle statistics; ``None`` means that level was the last one (no noise is added after
-    it). :meth:`progress` in [0, 1] drives the MCMC step-size decay. A schedule may keep state for one
-    ``sample()`` call (an adaptive rule, like k-diffusion's step-size controller); :meth:`start` resets it.
+    host-side per-particle statistics (lists: ``loss``, ``acceptance``, ``finite``, ``x0_shift``, ``group``; see
+    sampler.py); ``None`` means that level was the last one (no noise is added after it). :meth:`progress` in
+    [0, 1] drives the MCMC step-size decay. A schedule may keep state for one ``sample()`` call (an adaptive rule,
+    like k-diffusion's step-size controller); :meth:`start` resets it. :meth:`report` gives the level event's
+    fields about the last decision; :meth:`check_batch` refuses a batch the schedule cannot use, before compute;
+    ``couples`` says which particles the schedule makes depend on each other (None: none).
     """
+
+    couples: str | None = None
 
     def start(self) -> float:
         raise NotImplementedError
+
+    def check_batch(self, measurements: list) -> None:
+        """Refuse a batch (one entry per particle: the particle's measurement) before any compute."""
+
+    def report(self) -> dict:
+        """Extra fields of the level event about the last :meth:`next` (none for a fixed schedule)."""
+        return {}
 
     def next(self, step: int, sigma: float, stats: dict[str, list]) -> float | None:
         raise NotImplementedError

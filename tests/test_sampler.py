@@ -84,12 +84,15 @@ def test_nonfinite_particle_is_stopped_and_others_continue(pixel):
     torch.testing.assert_close(res.x[[0, 2]], clean, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["preset"])
+@pytest.mark.parametrize("variant", ["preset", "k2"])
 def test_one_host_sync_per_level(pixel, monkeypatch, variant):
     """No .item()/.tolist()/.cpu()/bool() on tensors in the loop except the transfers the sampler declares per
     level (``host_syncs_per_level``: one for the level's statistics; a feature that needs more says so)."""
     d, y = pixel
-    s = {"preset": make("mala")}[variant]
+    k2 = {"name": "k2", "warm_steps": 1}  # K2 decides levels 1-3 from the same transfer
+    s = {"preset": lambda: make("mala"),
+         "k2": lambda: build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
+                                      "k2_scheduler_config": k2}, mcmc("mala"))}[variant]()
     calls = []
     real_to_host = sampler_mod.to_host
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "cpu", "__bool__", "numpy")}
@@ -151,9 +154,6 @@ def test_config_errors():
     with pytest.raises(ValueError, match=r"annealing_scheduler_config.num_step \(did you mean num_steps\?\)"):
         build_sampler({"annealing_scheduler_config": {**ANNEAL, "num_step": 3}, "diffusion_scheduler_config": ODE},
                       mcmc())
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
-                       "k2_scheduler_config": {"name": "k2"}}, mcmc())
     for feature, key, value in (("repulsion", "scale", 10.0), ("pruning", "step", 200), ("hard_dc", "step", 200)):
         with pytest.raises(NotImplementedError, match=f"sampler.{feature}.{key}={value}.*not implemented yet"):
             build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
