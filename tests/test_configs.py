@@ -27,8 +27,7 @@ OFFICIAL_MODELS = ("ffhq256ddpm", "ffhq256ldm", "imagenet256ddpm", "imagenet256l
 NATURAL_DATA = ("demo-natural", "test-ffhq", "test-imagenet")
 # experiments whose feature has not landed: the feature their error must name
 NOT_BUILT = {"exp1_repulsion": "repulsion", "exp2_pruning": "repulsion", "exp3_2particle": "repulsion",
-             "exp4_optimization": "repulsion", "exp5_final": "repulsion", "k2_quality": "K2-DAPS",
-             "k2_speed": "K2-DAPS"}
+             "exp4_optimization": "repulsion", "exp5_final": "repulsion"}
 FAST = ["sampler.annealing_scheduler_config.num_steps=4", "sampler.diffusion_scheduler_config.num_steps=2",
         "show_progress=false", "gpu=-1"]
 
