@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, NamedTuple
 
@@ -171,8 +172,11 @@ class DAPS:
     def __init__(self, schedule: Schedule, ode: PFODE, kernel: Kernel, target: TargetSpec, latent: bool = False):
         self.schedule, self.ode, self.kernel, self.target, self.latent = schedule, ode, kernel, target, bool(latent)
 
-    def check(self, denoiser: Denoiser) -> None:
-        """Refuse combinations that cannot run, before any compute."""
+    def check(self, denoiser: Denoiser, particles_per_measurement: int | None = None) -> None:
+        """Refuse combinations that cannot run, before any compute (``particles_per_measurement``: num_samples,
+        which K2 needs to be at least 2)."""
+        if particles_per_measurement is not None:
+            self.schedule.check_particles(particles_per_measurement)
         if denoiser.latent != self.latent:
             kind = "latent" if denoiser.latent else "pixel"
             raise ValueError(f"model is a {kind} model but the sampler has latent={self.latent}: use "
@@ -201,7 +205,7 @@ class DAPS:
         the schedule's report (``k2`` with K2 on), the particles' ``ids`` and the device tensors ``x0hat`` and
         ``x0y``.
         """
-        self.schedule.check_batch([pid.image for pid in particles.ids])
+        self.schedule.check_particles(max(Counter(pid.image for pid in particles.ids).values()))
         emit = callback or (lambda event: None)
         net = CountingDenoiser(denoiser)
         op = LatentOperator(operator, denoiser.decode) if self.latent else operator

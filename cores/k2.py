@@ -190,8 +190,8 @@ class K2Schedule(Schedule):
         self.record: dict[str, Any] = {}
         return self.preset.start()
 
-    def check_batch(self, measurements: list) -> None:
-        if max(measurements.count(m) for m in set(measurements)) < 2:
+    def check_particles(self, per_measurement: int) -> None:
+        if per_measurement < 2:
             raise ValueError("K2-DAPS needs at least 2 particles of one measurement to measure a CESS (with one, "
                              "CESS is 1 at every step and K2 would take max_step_factor steps blindly): set "
                              "num_samples >= 2")

@@ -164,7 +164,7 @@ class Schedule:
     sampler.py); ``None`` means that level was the last one (no noise is added after it). :meth:`progress` in
     [0, 1] drives the MCMC step-size decay. A schedule may keep state for one ``sample()`` call (an adaptive rule,
     like k-diffusion's step-size controller); :meth:`start` resets it. :meth:`report` gives the level event's
-    fields about the last decision; :meth:`check_batch` refuses a batch the schedule cannot use, before compute;
+    fields about the last decision; :meth:`check_particles` refuses a batch the schedule cannot use, before compute;
     ``couples`` says which particles the schedule makes depend on each other (None: none).
     """
 
@@ -173,8 +173,8 @@ class Schedule:
     def start(self) -> float:
         raise NotImplementedError
 
-    def check_batch(self, measurements: list) -> None:
-        """Refuse a batch (one entry per particle: the particle's measurement) before any compute."""
+    def check_particles(self, per_measurement: int) -> None:
+        """Refuse, before any compute, batches whose largest number of particles of one measurement is this."""
 
     def report(self) -> dict:
         """Extra fields of the level event about the last :meth:`next` (none for a fixed schedule)."""

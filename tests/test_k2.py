@@ -141,8 +141,8 @@ def test_measurements_with_one_particle_carry_no_cess():
     preset = PresetSchedule.from_config(ANNEAL)
     sched = K2Schedule(preset, warm_steps=0)
     with pytest.raises(ValueError, match="num_samples >= 2"):
-        sched.check_batch([0, 1, 2])
-    sched.check_batch([0, 1, 1])
+        sched.check_particles(1)
+    sched.check_particles(2)
     visited, reports = walk(sched, [[1.0], [2.0]])  # every measurement down to one particle: the preset decides
     assert visited == preset.levels and reports[0]["cess"] == {"groups": [None, None], "median": None}
 
@@ -211,8 +211,13 @@ def test_config_errors_name_the_key():
 
 def test_one_particle_per_measurement_is_refused_before_compute(gmm):
     d, y = gmm
+    s = make(FAST)
     with pytest.raises(ValueError, match="num_samples >= 2"):
-        run(d, make(FAST), y, [0, 1])
+        s.check(d, particles_per_measurement=1)
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        run(d, s, y, [0, 1])
+    s.check(d, particles_per_measurement=2)
+    make(None).check(d, particles_per_measurement=1)
 
 
 def test_describe_says_k2_couples_the_batch():
