@@ -191,10 +191,11 @@ class K2Schedule(Schedule):
         return self.preset.start()
 
     def check_particles(self, per_measurement: int) -> None:
-        if per_measurement < 2:
+        """K2 needs 2 particles of one measurement, unless max_step_factor = 1 makes it the preset (the log's no-op)."""
+        if per_measurement < 2 and self.max_delta > 0:
             raise ValueError("K2-DAPS needs at least 2 particles of one measurement to measure a CESS (with one, "
                              "CESS is 1 at every step and K2 would take max_step_factor steps blindly): set "
-                             "num_samples >= 2")
+                             "num_samples >= 2 (or max_step_factor=1: the preset)")
 
     def next(self, step: int, sigma: float, stats: dict[str, list]) -> float | None:
         preset_next = self.preset.next(step, sigma, stats)

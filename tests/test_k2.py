@@ -143,6 +143,7 @@ def test_measurements_with_one_particle_carry_no_cess():
     with pytest.raises(ValueError, match="num_samples >= 2"):
         sched.check_particles(1)
     sched.check_particles(2)
+    K2Schedule(preset, max_step_factor=1.0).check_particles(1)  # the no-op profile is the preset: one particle will do
     visited, reports = walk(sched, [[1.0], [2.0]])  # every measurement down to one particle: the preset decides
     assert visited == preset.levels and reports[0]["cess"] == {"groups": [None, None], "median": None}
 
