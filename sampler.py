@@ -205,7 +205,7 @@ class DAPS:
         the schedule's report (``k2`` with K2 on), the particles' ``ids`` and the device tensors ``x0hat`` and
         ``x0y``.
         """
-        self.schedule.check_particles(max(Counter(pid.image for pid in particles.ids).values()))
+        self.schedule.check_particles(max(Counter(pid.image for pid in particles.ids).values(), default=0))
         emit = callback or (lambda event: None)
         net = CountingDenoiser(denoiser)
         op = LatentOperator(operator, denoiser.decode) if self.latent else operator

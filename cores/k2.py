@@ -155,6 +155,15 @@ class K2Schedule(Schedule):
     (:func:`preset_position`): a level gets the step size the preset would use at its noise level, so a faster
     schedule decays the step size by noise level, not by level count; on the preset's own levels it is the preset's
     step / (T - 1) exactly.
+
+    :meth:`report` (the level event's ``k2``): ``mode`` (``warm``: a preset level of the warm-up; ``cess``: K2 chose
+    ``next_sigma``; ``stop``: this level is the last, ``early_stop`` true when the threshold ended it rather than the
+    preset's level count), ``sigma`` and ``sigma_used`` (the level's sigma, the log's "used" record), ``next_sigma``
+    (0 after the last level) and, for ``cess``: ``proposed`` (K2's sigma before floor and bounds), ``dgamma``
+    (1/next_sigma^2 - 1/sigma^2), ``log_step`` (median over measurements of log(sigma / sigma_g)), ``ema`` (its
+    smoothed value), ``cess`` (``groups``: each measurement's CESS for the step actually taken, by its index in the
+    batch, null with fewer than 2 finite particles; ``median``), ``capped`` (measurements whose step hit
+    max_step_factor), and whether the ``floor``, the ``min_sigma`` bound or the monotone ``clamp`` acted.
     """
 
     couples = ("the whole batch: K2's batch median of the measurements' CESS proposals sets one sigma sequence "
