@@ -196,6 +196,15 @@ class DAPS:
                       ) -> torch.Tensor:
         return (noise.randn(shape) * self.schedule.start()).to(device)
 
+    def particles(self, y: torch.Tensor, noise: ParticleNoise | SharedNoise, shape: tuple[int, ...],
+                  device: torch.device, group: list[int] | None = None) -> Particles:
+        """Particles started from noise at the first level, one row of ``y`` each; ``group`` is each particle's
+        measurement (default: all of one measurement), and the ids are (group, 0, row) (for tests and scripts; the
+        run names its particles itself)."""
+        group = [0] * len(noise) if group is None else list(group)
+        ids = [ParticleId(g, 0, k) for k, g in enumerate(group)]
+        return start_particles(ids, y, group, noise, self.initial_state(noise, shape, device))
+
     def sample(self, denoiser: Denoiser, operator: Operator, particles: Particles, callback: Callback | None = None,
                progress: Callable[[int], Any] | None = None) -> SampleResult:
         """Run the loop for a batch of particles (:func:`start_particles`).

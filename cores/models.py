@@ -407,7 +407,10 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
         raise _missing(meta_path, "model folder (denoiser.json)")
     meta = json.loads(meta_path.read_text())
     cond = meta.get("class_conditional")
-    unet = (UNet2DConditionModel if cond else UNet2DModel).from_pretrained(str(root / "unet"), use_safetensors=True)
+    # low_cpu_mem_usage=False: diffusers' default wants the accelerate package and prints a 5-line notice without it;
+    # our models are small enough to load the plain way (identical weights)
+    unet = (UNet2DConditionModel if cond else UNet2DModel).from_pretrained(str(root / "unet"), use_safetensors=True,
+                                                                           low_cpu_mem_usage=False)
     abar = DDPMScheduler.from_pretrained(str(root / "scheduler")).alphas_cumprod
     mapping = timestep_map(sigma_mapping or meta.get("sigma_mapping", "schedule"), abar)
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -429,7 +432,7 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     if meta["kind"] != "latent":
         raise ValueError(f"{meta_path}: kind must be 'pixel' or 'latent', got {meta['kind']!r}")
     ae_cls, sub = (VQModel, "vqvae") if meta["autoencoder"] == "vq" else (AutoencoderKL, "vae")
-    ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True)
+    ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True, low_cpu_mem_usage=False)
     return LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
 
 

@@ -62,7 +62,7 @@ def load_autoencoder(path: Path):
                                 f"first with --config-name fmnist32_vq")
     meta = json.loads(meta_path.read_text())
     cls, sub = (VQModel, "vqvae") if meta["kind"] == "vq" else (AutoencoderKL, "vae")
-    return cls.from_pretrained(str(path / sub), use_safetensors=True).eval().requires_grad_(False), meta["kind"]
+    return cls.from_pretrained(str(path / sub), use_safetensors=True, low_cpu_mem_usage=False).eval().requires_grad_(False), meta["kind"]
 
 
 def spectrum_callback(out: Path, reference: torch.Tensor):

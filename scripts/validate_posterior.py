@@ -43,21 +43,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cores.exact import (KERNELS, NOISE, PR_NOISE, PROBLEMS, SHAPE, STATIONARY_SIGMA, ExactConditional,  # noqa: E402
                          Problem, TwinProblem, errors, floor, make_problem, make_twin_problem, mcmc_dict,
                          reference_freq, stationary_run, twin_scores)
+from cores.mcmc import Kernel  # noqa: E402
 from cores.noise import SharedNoise  # noqa: E402
-from sampler import DAPS  # noqa: E402
+from sampler import DAPS, build_sampler  # noqa: E402
 
 DAPS_LR = 1e-2  # first-level step of tables B (decays to 2e-4); ULA diverges on 'dense' from about 1.4e-2
 
 
-def daps_sampler(mc: dict, levels: int = 40) -> DAPS:
-    return DAPS({"name": "edm", "num_steps": levels, "sigma_max": 20.0, "sigma_min": 0.02},
-                {"name": "edm", "num_steps": 5, "sigma_min": 0.01}, mc)
+def daps_sampler(mc: dict, levels: int = 40, kernel: Kernel | None = None) -> DAPS:
+    """DAPS with ``levels`` levels sigma 20 -> 0.02 and the kernel of ``mc`` (or ``kernel``, e.g. exact draws)."""
+    s = build_sampler({"annealing_scheduler_config": {"name": "edm", "num_steps": levels, "sigma_max": 20.0,
+                                                      "sigma_min": 0.02},
+                       "diffusion_scheduler_config": {"name": "edm", "num_steps": 5, "sigma_min": 0.01}}, mc)
+    return s if kernel is None else DAPS(s.schedule, s.ode, kernel, s.target, s.latent)
 
 
 def daps_run(p: Problem, sampler: DAPS, n: int, seed: int) -> torch.Tensor:
     noise = SharedNoise(seed + 11, n)
-    x0 = sampler.initial_state(noise, SHAPE, torch.device("cpu"))
-    return sampler.sample(p.prior, p.operator, p.y.expand(n, *p.y.shape[1:]), x0, noise).x
+    ys = p.y.expand(n, *p.y.shape[1:])
+    return sampler.sample(p.prior, p.operator, sampler.particles(ys, noise, SHAPE, torch.device("cpu"))).x
 
 
 def table_a(n: int, budget: int, seed: int) -> list[dict]:
@@ -79,8 +83,8 @@ def table_b(n: int, budget: int, seed: int, kernels=KERNELS, problems=tuple(PROB
     for kind in problems:
         p = make_problem(kind, seed)
         ref = reference_freq(p.exact, seed)
-        exact_loop = daps_sampler(mcmc_dict("mala", 1.0, 1, "exact", NOISE), levels=20)
-        exact_loop.kernel = ExactConditional(p, seed + 5)
+        exact_loop = daps_sampler(mcmc_dict("mala", 1.0, 1, "exact", NOISE), levels=20,
+                                  kernel=ExactConditional(p, seed + 5))
         rows.append({"problem": kind, "kernel": "exact conditional", "prior_solver": "exact",
                      **errors(daps_run(p, exact_loop, n, seed), p.exact, ref)})
         for kernel in kernels:
@@ -99,8 +103,8 @@ def twin_run(tp: TwinProblem, kernel: str, n: int, budget: int, seed: int) -> di
     """Table C: DAPS (exact prior solver) on the twin problem: fractions per mode and within-mode mean errors."""
     sampler = daps_sampler(mcmc_dict(kernel, 2e-3, budget, "exact", PR_NOISE, 0.05))
     noise = SharedNoise(seed + 31, n)
-    x = sampler.sample(tp.prior, tp.operator, tp.y.expand(n, *tp.y.shape[1:]),
-                       sampler.initial_state(noise, SHAPE, torch.device("cpu")), noise).x
+    ys = tp.y.expand(n, *tp.y.shape[1:])
+    x = sampler.sample(tp.prior, tp.operator, sampler.particles(ys, noise, SHAPE, torch.device("cpu"))).x
     return {"kernel": kernel, **twin_scores(tp, x)}
 
 

@@ -10,7 +10,7 @@ import torch
 from cores.models import build_model
 from cores.noise import ParticleNoise
 from cores.operators import PhaseRetrieval
-from sampler import DAPS
+from sampler import build_sampler
 from utils.device import forbid_sync
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -23,14 +23,15 @@ MCMC = {"num_steps": 4, "lr": 1e-4, "tau": 0.05, "lr_min_ratio": 0.1}
 def test_loop_syncs_only_through_to_host(kind, algo, pixel_model_dir, latent_model_dir):
     dev = torch.device("cuda")
     d = build_model({"name": "diffusers", "path": str(pixel_model_dir if kind == "pixel" else latent_model_dir)}, dev)
-    s = DAPS(ANNEAL, ODE, {**MCMC, "mc_algo": algo}, latent=kind == "latent")
+    s = build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
+                       "latent": kind == "latent"}, {**MCMC, "mc_algo": algo})
     op = PhaseRetrieval().to(dev)
     y = op(torch.rand(1, 3, 16, 16, device=dev) * 2 - 1).expand(4, -1, -1, -1).clone()
     noise = ParticleNoise([1, 2, 3, 4], dev)
-    x0 = s.initial_state(noise, d.in_shape, dev)
+    particles = s.particles(y, noise, d.in_shape, dev)
     torch.cuda.synchronize()
     with forbid_sync():  # any synchronising CUDA call outside utils.device.to_host raises
-        res = s.sample(d, op, y, x0, noise)
+        res = s.sample(d, op, particles)
     assert res.status == ["ok"] * 4 and torch.isfinite(res.x).all()
 
 
@@ -43,14 +44,15 @@ def test_batch_invariance_on_cuda(pixel_model_dir, tf32, capsys):
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         d = build_model({"name": "diffusers", "path": str(pixel_model_dir)}, dev)
-        s = DAPS(ANNEAL, ODE, {**MCMC, "mc_algo": "hmc", "momentum": 0.5})
+        s = build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE},
+                          {**MCMC, "mc_algo": "hmc", "momentum": 0.5})
         op = PhaseRetrieval().to(dev)
         y = op(torch.rand(1, 3, 16, 16, device=dev, generator=torch.Generator(dev).manual_seed(0)) * 2 - 1)
 
         def run(seeds):
             noise = ParticleNoise(seeds, dev)
-            return s.sample(d, op, y.expand(len(seeds), -1, -1, -1).clone(), s.initial_state(noise, d.in_shape, dev),
-                            noise).x
+            ys = y.expand(len(seeds), -1, -1, -1).clone()
+            return s.sample(d, op, s.particles(ys, noise, d.in_shape, dev)).x
 
         together = run([7, 8, 9])
         alone = torch.cat([run([seed]) for seed in (7, 8, 9)])

@@ -39,8 +39,7 @@ def test_mh_kernels_keep_the_level_conditional_and_ula_is_biased(dense):
 def test_daps_loop_with_exact_conditionals_is_exact(dense):
     p, ref = dense
     n = 400
-    loop = V.daps_sampler(E.mcmc_dict("mala", 1.0, 1, "exact", E.NOISE), levels=20)
-    loop.kernel = E.ExactConditional(p, 5)
+    loop = V.daps_sampler(E.mcmc_dict("mala", 1.0, 1, "exact", E.NOISE), levels=20, kernel=E.ExactConditional(p, 5))
     err = E.errors(V.daps_run(p, loop, n, 0), p.exact, ref)
     fl = E.floor(p.exact, ref, n, 0)
     for key in ("mean", "cov", "modes"):

@@ -16,7 +16,7 @@ import torch_xla.debug.metrics as met  # noqa: E402
 from cores.models import build_model  # noqa: E402
 from cores.noise import ParticleNoise  # noqa: E402
 from cores.operators import DenseGaussian, DownSampling, GaussianBlur, Inpainting, PhaseRetrieval  # noqa: E402
-from sampler import DAPS  # noqa: E402
+from sampler import build_sampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Acquire the XLA device at collection: autograd's engine sizes its per-device queues at its first backward,
@@ -45,14 +45,16 @@ def test_operator_gradients_match_the_cpu(name):
 
 def run(model_dir, device, levels, algo="hmc", latent=False, callback=None, mcmc_steps=3):
     d = build_model({"name": "diffusers", "path": str(model_dir)}, device)
-    s = DAPS({"name": "edm", "num_steps": levels, "sigma_max": 10.0, "sigma_min": 0.1},
-             {"name": "edm", "num_steps": 2, "sigma_min": 0.01, "solver": "heun"},
-             {"num_steps": mcmc_steps, "lr": 1e-4, "tau": 0.05, "lr_min_ratio": 0.1, "mc_algo": algo, "momentum": 0.5},
-             latent=latent)
+    s = build_sampler({"annealing_scheduler_config": {"name": "edm", "num_steps": levels, "sigma_max": 10.0,
+                                                      "sigma_min": 0.1},
+                       "diffusion_scheduler_config": {"name": "edm", "num_steps": 2, "sigma_min": 0.01, "solver": "heun"},
+                       "latent": latent},
+                      {"num_steps": mcmc_steps, "lr": 1e-4, "tau": 0.05, "lr_min_ratio": 0.1, "mc_algo": algo,
+                       **({"momentum": 0.5} if algo == "hmc" else {})})
     op = PhaseRetrieval().to(device)
     y = op(torch.linspace(-1, 1, 3 * 16 * 16).view(1, 3, 16, 16).to(device)).expand(2, -1, -1, -1).clone()
     noise = ParticleNoise([5, 6], device)
-    return s.sample(d, op, y, s.initial_state(noise, d.in_shape, device), noise, callback=callback)
+    return s.sample(d, op, s.particles(y, noise, d.in_shape, device), callback=callback)
 
 
 def test_sampler_matches_the_cpu(pixel_model_dir):
