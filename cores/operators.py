@@ -36,6 +36,8 @@ class Operator(torch.nn.Module):
 
     def __init__(self, sigma: float = 0.05):
         super().__init__()
+        if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"operator sigma (the measurement noise std) must be a finite number >= 0, got {sigma!r}")
         self.sigma = float(sigma)
 
     def measure(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
