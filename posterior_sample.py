@@ -6,90 +6,209 @@
 data -> operator -> measurement (seeded per image) -> model -> sampler (num_samples particles per
 measurement, num_runs times) -> results/<name>/ (see README for every file). Everything is built and
 checked before the first sampling step; a finished image's results are on disk before the next
-chunk starts; Ctrl-C leaves metrics.json and timing.json for what finished.
+chunk starts. The recorded status is the truth: ``complete`` only when every planned image finished,
+``failed`` (with the error) on an exception, ``interrupted`` on SIGINT / SIGTERM (exit 130 / 143), and
+``running`` with a heartbeat while it goes on. ``resume=true`` continues an interrupted or failed run in
+its folder: finished images are kept, the others are sampled with the same seeds.
 
 Under ``torchrun --nproc_per_node=N`` each rank takes a contiguous slice of the images (seeds depend only
 on the image and sample numbers, so results do not depend on the split); every rank writes its images'
 files, rank 0 writes metrics.json / timing.json, logs and shows progress. Under Hydra multirun (-m) each
-job writes to <save_dir>/<name>/run<NNN>/.
+job writes to <save_dir>/<name>/run<NNN>/ with its own status; a job refused for its config is recorded
+as failed in its folder and the other jobs still run.
 """
 from __future__ import annotations
 
 import logging
-import shutil
+import signal
 import sys
+import threading
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig
 
 from cores.noise import ParticleNoise, measurement_seed, particle_seed
 from sampler import ParticleId, start_particles
-from utils.build import RunParts, UserError, build_run
+from utils import folder
+from utils.build import RunParts, UserError, build_run, results_folder, sweep_job
 from utils.device import barrier, eager_device, gather, shutdown
-from utils.events import EventLog, PhaseTimer
-from utils.observer import RunObserver
-from utils.results import RunResults
+from utils.events import EventLog, PhaseTimer, drop_unfinished
+from utils.observer import RunLog, RunObserver, setup_logging
+from utils.results import GRID_MAX_IMAGES, RunResults
 
 log = logging.getLogger("posterior_sample")
+EXIT_FAILED, EXIT_REFUSED = 1, 2
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run: what finished is written, then the process exits with 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job that failed or was refused: Hydra records it, runs the other jobs, and exits 1 at the end."""
+
+
+class StopSignals:
+    """While a run samples, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, once: a signal that
+    arrives while the run writes its results is logged and ignored (SIGKILL still stops at once). A Python handler
+    that a job system installed for SIGUSR1 / SIGUSR2 (submitit: SLURM's time limit or preemption) still runs; if it
+    raises, the run is recorded as interrupted by that signal. Outside the main thread nothing changes."""
+
+    OWN = (signal.SIGINT, signal.SIGTERM)
+    CHAINED = (signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.caught: str | None = None
+        self.finishing = False
+        self.saved: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.OWN:
+                self.saved[sig] = signal.signal(sig, self.stop)
+            for sig in self.CHAINED:
+                previous = signal.getsignal(sig)
+                if callable(previous):
+                    self.saved[sig] = signal.signal(sig, self.chain(previous))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self.saved.items():
+            signal.signal(sig, previous)
+
+    def stop(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.finishing or self.caught:
+            log.warning("%s received while the run writes its results: ignored", name)
+            return
+        self.caught = name
+        raise Interrupted(signum)
+
+    def chain(self, previous: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], None]:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            try:
+                previous(signum, frame)
+            except BaseException:
+                self.caught = self.caught or signal.Signals(signum).name
+                raise
+        return handler
 
 
 class Run:
-    """Samples a built run's images chunk by chunk; the observer and the results do the rest."""
+    """Samples a built run's unfinished images chunk by chunk; the observer and the results do the rest.
 
-    def __init__(self, parts: RunParts):
+    ``Run(parts)`` checks the results folder (a UserError when it may not be used); :meth:`open` creates it, or
+    cleans it (overwrite=true), or takes up an earlier attempt (resume=true); :meth:`execute` samples and records the
+    outcome."""
+
+    def __init__(self, parts: RunParts, run_log: RunLog | None = None):
         self.parts, self.cfg = parts, parts.cfg
-        if parts.root.exists() and any(parts.root.iterdir()) and not self.cfg.overwrite:
-            raise UserError(f"results folder {parts.root} already exists: choose another name=... "
-                            f"or pass overwrite=true to replace it")
+        self.resumed = folder.check(parts.root, self.cfg, parts.resume_free_keys())
+        self.run_log = run_log or RunLog()
+        self.opened = False
+
+    def open(self) -> None:
+        """Make the folder ready (rank 0), then open run.log, events and results on every rank."""
+        parts, d, root = self.parts, self.parts.dist, self.parts.root
+        barrier(d)  # every rank has checked the folder before rank 0 changes it
+        if d.main:
+            self.prepare_folder()
+        barrier(d)
+        suffix = "" if d.main else f".rank{d.rank}"
+        self.run_log.open(root / f"run{suffix}.log")
+        self.events = EventLog(root / f"events{suffix}.jsonl")
+        self.timer = PhaseTimer(parts.device)
+        self.results = RunResults(parts, self.timer, resumed=self.resumed is not None)
+        self.observer = RunObserver(self.events, self.timer, parts.model, parts.sampler.schedule.planned_levels,
+                                    root / "trajectory" if self.cfg.save_traj else None, self.cfg.show_progress,
+                                    self.results.heartbeat)
+        finished = self.results.recorder.finished()
+        items = [parts.dataset[i] for i in parts.shard]
+        self.todo = [it for it in items if it.index not in finished]
+        if self.resumed is not None:
+            log.info("resume=true: %d of %d image(s) finished earlier are kept; sampling the other %d", len(finished),
+                     len(parts.dataset), len(parts.dataset) - len(finished))
+        if d.main:
+            done = [it for it in items if it.index in finished][:GRID_MAX_IMAGES]
+            if done:
+                gt, y = self.measure(done)
+                for i, it in enumerate(done):
+                    self.results.restore_image(it, gt[i], y[i])
+            self.results.write("running")
+        self.opened = True
 
     def prepare_folder(self) -> None:
-        cfg, d, root = self.cfg, self.parts.dist, self.parts.root
-        barrier(d)  # every rank has checked the folder before rank 0 replaces or creates it
-        if d.main:
-            if root.exists() and cfg.overwrite:
-                log.warning("overwrite=true: removing %s", root)
-                shutil.rmtree(root)
-            (root / "samples").mkdir(parents=True, exist_ok=True)
-            (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        barrier(d)
+        """Rank 0: remove the old folder (overwrite=true) and create this run's, or keep the finished images of the
+        earlier attempt and drop the events of its unfinished ones (resume=true)."""
+        root = self.parts.root
+        if self.resumed is None:
+            if self.cfg.overwrite and folder.inspect(root) is not None:
+                folder.remove(root)
+            folder.create(root, "run", self.cfg)
+        else:
+            finished = {int(p.stem) for p in (root / "per_image").glob("*.json")}
+            for path in sorted(root.glob("events*.jsonl")):
+                dropped = drop_unfinished(path, finished)
+                if dropped:
+                    log.info("resume=true: %s: removed %d line(s) of images that are sampled again", path.name, dropped)
+        (root / "samples").mkdir(exist_ok=True)
 
     def execute(self) -> int:
-        parts, cfg, d = self.parts, self.cfg, self.parts.dist
-        self.prepare_folder()
-        suffix = "" if d.main else f".rank{d.rank}"
-        handler = logging.FileHandler(parts.root / f"run{suffix}.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        events = EventLog(parts.root / f"events{suffix}.jsonl")
-        timer = PhaseTimer(parts.device)
-        self.observer = RunObserver(events, timer, parts.model, parts.sampler.schedule.planned_levels,
-                                    parts.root / "trajectory" if cfg.save_traj else None, cfg.show_progress)
-        self.results = RunResults(parts, timer)
-        status, code = "complete", 0
-        try:
-            for start in range(0, len(parts.shard), cfg.batch_size):
-                self.run_chunk([parts.dataset[i] for i in parts.shard[start:start + cfg.batch_size]])
-        except KeyboardInterrupt:
-            status, code = "interrupted", 130
-            log.warning("interrupted: writing results of the %d finished image(s)", self.results.images_done)
-        finally:
-            timer.stop()
-            events.close()
-            self.finish(status)
-            logging.getLogger().removeHandler(handler)
-            if status == "complete":
-                shutdown(d)
+        """Sample every unfinished image of this rank and record the outcome. Returns the exit code: 0 (complete),
+        1 (failed: the error is in metrics.json, timing.json and run.log) or 128 + the signal (interrupted)."""
+        if not self.opened:
+            self.open()
+        status, code, reason, reraise = "complete", 0, None, None
+        with StopSignals() as signals:
+            try:
+                try:
+                    for items in self.chunks():
+                        self.run_chunk(items)
+                finally:
+                    signals.finishing = True  # from here on a signal no longer interrupts: the results get written
+            except (Interrupted, KeyboardInterrupt) as stop:
+                status, code = "interrupted", 128 + getattr(stop, "signum", signal.SIGINT)
+                reason = signal.Signals(code - 128).name
+                log.warning("interrupted (%s): writing the results of the %d finished image(s)", reason,
+                            self.results.done_before + self.results.images_done)
+            except BaseException as err:  # noqa: BLE001 - every failure is recorded before the process ends
+                if signals.caught:  # a job system's handler (submitit) stopped the run: let it finish its exit
+                    status, reason, reraise = "interrupted", signals.caught, err
+                    log.warning("interrupted (%s, handled by the job system): writing the results", reason)
+                else:
+                    status, code, reason = "failed", EXIT_FAILED, f"{type(err).__name__}: {err}"
+                    log.error("failed: %s", reason, exc_info=err)
+            code = self.close(status, code, reason)
+        if reraise is not None:
+            raise reraise
         return code
+
+    def chunks(self) -> Iterator[list]:
+        bs = self.cfg.batch_size
+        for start in range(0, len(self.todo), bs):
+            yield self.todo[start:start + bs]
+
+    def measure(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ground truth and measurement of ``items`` (each image's noise from its own seed)."""
+        dev = self.parts.device
+        gt = torch.stack([it.image for it in items]).to(dev)
+        gens = [torch.Generator(device=eager_device(dev)).manual_seed(measurement_seed(self.cfg.seed, it.index))
+                for it in items]
+        with torch.no_grad():
+            return gt, self.parts.operator.measure(gt, gens)
 
     def run_chunk(self, items: list) -> None:
         """Sample the particles of ``items`` (num_samples per image together, num_runs times), then score each image."""
         parts, cfg, dev = self.parts, self.cfg, self.parts.device
-        gt = torch.stack([it.image for it in items]).to(dev)
-        gens = [torch.Generator(device=eager_device(dev)).manual_seed(measurement_seed(cfg.seed, it.index))
-                for it in items]
-        with torch.no_grad():
-            y = parts.operator.measure(gt, gens)
+        gt, y = self.measure(items)
         ns, position = cfg.num_samples, {it.index: i for i, it in enumerate(items)}
         samples: dict[int, dict[int, torch.Tensor]] = {it.index: {} for it in items}
         status: dict[int, dict[int, tuple]] = {it.index: {} for it in items}
@@ -115,33 +234,82 @@ class Run:
             self.results.finish_image(it, gt[i], y[i], torch.stack([samples[it.index][k] for k in order]),
                                       [status[it.index][k] for k in order])
 
-    def finish(self, status: str) -> None:
-        ranks = gather(self.parts.dist, self.results.local_timing()) if status == "complete" else None
-        if not self.parts.dist.main:
-            return
-        timing = self.results.finish(status, ranks)
+    def close(self, status: str, code: int, reason: str | None) -> int:
+        """Stop the timer and the event log, write the final files (rank 0) and say how the run ended. ``reason``: the
+        error of a failed run, the signal that interrupted one."""
+        try:
+            self.timer.stop()
+        except Exception as err:  # noqa: BLE001 - a failed device may not synchronise; the results are still written
+            log.warning("the device could not be synchronised at the end (%s): the last phase's time is not counted",
+                        err)
+        self.events.close()
+        try:
+            status = self.finish(status, reason)
+        except OSError as err:
+            log.error("could not write the final results to %s: %s", self.parts.root, err)
+            status = "failed"
+        finally:
+            self.run_log.close()
+        if status == "complete":
+            shutdown(self.parts.dist)
+        return EXIT_FAILED if status == "failed" else code
+
+    def finish(self, status: str, reason: str | None) -> str:
+        """The final metrics.json, timing.json, eval.md and grid (rank 0), and the run's last log line; returns the
+        status (complete becomes failed if an image of another rank has no results)."""
+        parts = self.parts
+        ranks = gather(parts.dist, self.results.local_timing()) if status == "complete" else None
+        if not parts.dist.main:
+            return status
+        planned, finished = len(parts.dataset), len(self.results.recorder.finished())
+        if status == "complete" and finished < planned:
+            status, reason = "failed", f"MissingResults: {planned - finished} of {planned} image(s) have no results"
+            log.error("failed: %s", reason)
+        timing = self.results.finish(status, ranks, reason if status == "failed" else None)
         agg = self.results.recorder.aggregate()
         summary = ", ".join(f"{m} best {a['best_of_n']:.3f} mean {a['mean_of_n']:.3f}" for m, a in agg.items())
-        log.info("%s: %d image(s) in %.1f s (%s). %s", status, timing["images_done"], timing["total_wall_sec"],
-                 self.parts.root, summary)
+        if status == "complete":
+            log.info("complete: %d image(s) in %.1f s (%s). %s", finished, timing["total_wall_sec"], parts.root,
+                     summary)
+        else:
+            why = f" ({reason})" if status == "interrupted" else f": {reason}"
+            log.warning("%s%s: %d of %d image(s) finished in %.1f s (%s); resume=true continues it. %s", status, why,
+                        finished, planned, timing["total_wall_sec"], parts.root, summary)
+        return status
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def refused(cfg: DictConfig, err: UserError, run_log: RunLog) -> None:
+    """A run refused before sampling: one error line and exit 2; a sweep job is also recorded as failed in its own
+    folder (when that folder is new) and the other jobs still run."""
+    log.error("%s", err)
+    if not sweep_job():
+        run_log.close()
+        sys.exit(EXIT_REFUSED)
+    root = results_folder(cfg)
+    try:
+        if folder.record_refused_job(root, cfg, err):
+            run_log.open(root / "run.log")
+    except UserError as unwritable:
+        log.error("%s", unwritable)
+    run_log.close()
+    raise JobFailed(f"{root}: {err}")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="default")
 def main(cfg: DictConfig) -> None:
     setup_logging()
+    run_log = RunLog()
     try:
         parts = build_run(cfg)
         if not parts.dist.main:
             logging.getLogger().setLevel(logging.WARNING)
-        run = Run(parts)
+        run = Run(parts, run_log)
+        run.open()
     except UserError as err:
-        log.error("%s", err)
-        sys.exit(2)
+        refused(cfg, err, run_log)
     code = run.execute()
+    if code == EXIT_FAILED and sweep_job():
+        raise JobFailed(f"{parts.root}: failed (the error is in its metrics.json and run.log)")
     if code:
         sys.exit(code)
 

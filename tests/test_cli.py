@@ -1,12 +1,11 @@
-"""posterior_sample.py as the user runs it: override style, every output file, fail-fast errors, Ctrl-C."""
+"""posterior_sample.py as the user runs it: override style, every output file, fail-fast errors, an existing folder.
+Statuses, signals, resume and deletion: tests/test_run_status.py."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,7 @@ def config_dir(tmp_path_factory, pixel_model_dir, latent_model_dir, image_dir) -
 
 def check_outputs(root: Path, images: int, particles: int, levels: int, latent: bool, runs: int = 1) -> dict:
     for name in ("config.yaml", "events.jsonl", "timing.json", "metrics.json", "eval.md", "grid_results.png",
-                 "run.log"):
+                 "run.log", ".daps_run"):
         assert (root / name).is_file(), name
     events = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()]
     phases = [ev for ev in events if ev["event"] == "phase"]
@@ -60,7 +59,9 @@ def check_outputs(root: Path, images: int, particles: int, levels: int, latent: 
     assert timing["anneal_steps_cfg"] == timing["used_anneal_steps"] == levels
     assert timing["phases"]["explore"]["steps"] == levels * runs and timing["phases"]["explore"]["wall_sec"] > 0
     metrics = json.loads((root / "metrics.json").read_text())
-    assert metrics["status"] == "complete" and metrics["num_images_done"] == images
+    assert metrics["status"] == timing["status"] == "complete"
+    assert metrics["num_images_done"] == metrics["num_images_planned"] == timing["images_done"] == images
+    assert metrics["pid"] == timing["pid"] and isinstance(metrics["heartbeat_unix"], float)
     assert metrics["sampler"]["latent"] is latent
     assert set(metrics["eval"]) == {"psnr", "ssim", "lpips"}
     assert metrics["eval"]["lpips"]["available"] or metrics["eval"]["lpips"]["reason"]
@@ -92,12 +93,16 @@ def test_pixel_run_in_the_users_override_style(tmp_path, config_dir):
     assert len(list((tmp_path / "pixel" / "trajectory").glob("*.png"))) == 4
 
 
-def test_latent_run(tmp_path, config_dir):
+def test_latent_run_with_progress_as_log_lines(tmp_path, config_dir):
+    fast = [a for a in FAST if not a.startswith("show_progress")]  # show_progress=true (the default)
     r = cli([f"hydra.searchpath=[file://{config_dir}]", "+data=tiny", "+model=tiny_latent", "+task=phase_retrieval",
              "+sampler=latent_edm_daps", "task_group=ldm", "num_samples=4",
-             f"save_dir={tmp_path}", "name=latent", *FAST])
+             f"save_dir={tmp_path}", "name=latent", *fast])
     assert r.returncode == 0, r.stderr[-3000:]
     check_outputs(tmp_path / "latent", images=1, particles=4, levels=4, latent=True)
+    # stderr is not a terminal here: one log line per tenth of the levels instead of a bar's carriage returns
+    assert "\r" not in r.stderr and r.stderr.count("INFO posterior_sample: images 0-0 run 1/1: level ") == 4
+    assert "\nINFO posterior_sample: complete: 1 image(s)" in r.stderr
 
 
 def test_gmm_toy_with_runs_and_heun(tmp_path):
@@ -107,6 +112,7 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = check_outputs(tmp_path / "toy", images=2, particles=4, levels=4, latent=False, runs=2)
     assert metrics["eval"]["lpips"]["available"] is False and "32 px" in metrics["eval"]["lpips"]["reason"]
+    assert "WARNING utils.metrics: lpips unavailable" in (tmp_path / "toy" / "run.log").read_text()  # before sampling
     assert [p["run"] for p in metrics["images"][0]["particles"]] == [0, 0, 1, 1]
     check = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_events.py"), str(tmp_path / "toy")],
                            capture_output=True, text=True)
@@ -122,9 +128,10 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
     (["repulsion_scale=0.5"], "not implemented yet"),
     (["pruning_step=200"], "not implemented yet"),
     (["num_samples=0"], "num_samples must be a positive integer"),
+    (["task.pixel_hmc.operator.sigma=-0.1"], "sigma (the measurement noise std) must be a finite number >= 0"),
     (["+sampler.diffusion_scheduler_config.solver=rk5"], "unknown ODE solver"),
     (["task.pixel_hmc.mcmc_sampler_config.mc_algo=ula"], "unknown mc_algo"),
-    (["++sampler.k2_scheduler_config.name=k2"], "not implemented yet"),
+    (["++sampler.k2_scheduler_config.name=k2"], "K2-DAPS needs at least 2 particles of one measurement"),
     (["+experiment=exp1_repulsion"], "sampler.repulsion.scale=10.0: particle repulsion (Exp 1) is not implemented yet"),
     (["+experiment=exp2_pruning", "repulsion_scale=0"], "particle pruning (Exp 2) is not implemented yet"),
     # typos fail with the key named and its nearest valid neighbour (they used to run with the defaults)
@@ -170,28 +177,7 @@ def test_existing_results_are_not_overwritten(tmp_path):
     assert cli(args).returncode == 0
     stamp = (tmp_path / "once" / "metrics.json").stat().st_mtime_ns
     r = cli(args)
-    assert r.returncode == 2 and "already exists" in r.stderr
+    assert r.returncode == 2 and "already holds a run (complete, 1 image(s) finished): resume=true" in r.stderr
     assert (tmp_path / "once" / "metrics.json").stat().st_mtime_ns == stamp
-    assert cli([*args, "overwrite=true"]).returncode == 0
-
-
-def test_interrupt_leaves_metrics_and_timing(tmp_path):
-    args = ["+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps", "task_group=pixel_hmc",
-            "batch_size=1", "num_samples=2", "eval_fn_list=[psnr]", "show_progress=false", "gpu=-1",
-            "sampler.annealing_scheduler_config.num_steps=60", f"save_dir={tmp_path}", "name=stop"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "posterior_sample.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "stop" / "per_image" / "00000.json"
-    deadline = time.time() + 240
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert first.exists(), proc.stderr.read() if proc.poll() is not None else "timed out"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    metrics = json.loads((tmp_path / "stop" / "metrics.json").read_text())
-    timing = json.loads((tmp_path / "stop" / "timing.json").read_text())
-    assert metrics["status"] == timing["status"] == "interrupted"
-    assert 1 <= metrics["num_images_done"] < 4 and timing["images_done"] == metrics["num_images_done"]
-    assert timing["total_wall_sec"] > 0 and "explore" in timing["phases"]
+    r = cli([*args, "overwrite=true"])
+    assert r.returncode == 0 and f"overwrite=true: removing {tmp_path / 'once'}" in r.stderr

@@ -2,13 +2,16 @@
 
 :func:`build_run` turns the composed config into the run's parts (device, data, operator, model, sampler,
 evaluator, results folder, this rank's images); every configuration or file problem becomes a
-:class:`UserError` of one line naming the key or file.
+:class:`UserError` of one line naming the key or file. :func:`check_name` and :func:`config_differences`
+are the pure checks of the results folder's name and of a resumed run's config (utils/folder.py applies them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import yaml
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +26,15 @@ from utils.metrics import Evaluator
 
 class UserError(Exception):
     """A problem with the command line, config or files, reported without a traceback."""
+
+
+# Keys that may differ between a run and its resume=true: where results go, what is shown, which device computes
+# (devices agree to floating-point precision, not bit for bit) and how many images share a batch (each particle has
+# its own random stream and each measurement its own seed, so results do not depend on the batch) unless the sampler
+# couples the images of a batch (K2's batch median: RunParts.resume_free_keys). Every other key changes results: a
+# resume with a different value is refused.
+RESUME_FREE_KEYS = ("name", "save_dir", "overwrite", "resume", "show_progress", "save_traj", "gpu", "use_tpu",
+                    "batch_size")
 
 
 @dataclass
@@ -44,6 +56,11 @@ class RunParts:
     def particles_per_image(self) -> int:
         return self.cfg.num_runs * self.cfg.num_samples
 
+    def resume_free_keys(self) -> tuple[str, ...]:
+        """The top-level keys that may change on resume=true (batch_size only if the sampler couples no batch)."""
+        coupled = self.sampler.schedule.couples is not None
+        return tuple(k for k in RESUME_FREE_KEYS if not (coupled and k == "batch_size"))
+
     def metric_names(self) -> list[str]:
         return [m for m in self.cfg.eval_fn_list if m not in self.evaluator.unavailable] + ["meas_err"]
 
@@ -53,6 +70,7 @@ class RunParts:
         return {"name": cfg.name, "task": self.operator.name, "task_group": cfg.task_group,
                 "particles_per_image": self.particles_per_image, "num_samples": cfg.num_samples,
                 "num_runs": cfg.num_runs, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "num_images_planned": len(self.dataset),
                 "eval": self.evaluator.status, "sampler": self.sampler.describe(), "device": device_info(self.device)}
 
 
@@ -74,21 +92,58 @@ def _step(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         raise UserError(f"{what}: {err}") from err
 
 
+def check_name(name: Any) -> None:
+    """``name`` is one non-empty path component: results go to <save_dir>/<name>/, and overwrite=true removes it."""
+    text = str(name) if isinstance(name, (str, int, float)) and not isinstance(name, bool) else None
+    if not text or text in (".", "..") or "/" in text or "\0" in text:
+        raise UserError(f"name={name!r} is not a folder name: results go to <save_dir>/<name>/, so name must be one "
+                        f"non-empty path component (no '/', not '.' or '..'), e.g. name=pr_demo")
+
+
+def config_differences(saved: Mapping[str, Any], cfg: DictConfig, free: Sequence[str] = RESUME_FREE_KEYS
+                       ) -> list[str]:
+    """The keys (dotted, with both values) in which ``cfg`` differs from a run's saved config.yaml, outside the
+    top-level keys ``free``; compared after the same YAML round trip, so 1e-5 equals 1.0e-05."""
+    now = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
+    old, new = _flat(dict(saved)), _flat(now)
+    keys = [k for k in dict.fromkeys([*old, *new]) if k.split(".")[0] not in free]
+    return [f"{k} (saved {_show(old.get(k, _ABSENT))}, now {_show(new.get(k, _ABSENT))})"
+            for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, sub in node.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is _ABSENT else repr(value)
+
+
 def check_counts(cfg: DictConfig) -> None:
     for key in ("num_samples", "num_runs", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
 
 
-def results_folder(cfg: DictConfig) -> Path:
-    """<save_dir>/<name>, or <save_dir>/<name>/run<NNN> for job NNN of a Hydra multirun (sweep)."""
+def sweep_job() -> bool:
+    """True inside a job of a Hydra multirun (-m)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    root = Path(cfg.save_dir) / cfg.name
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        root = root / f"run{HydraConfig.get().job.num:03d}"
-    return root
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def results_folder(cfg: DictConfig) -> Path:
+    """<save_dir>/<name>, or <save_dir>/<name>/run<NNN> for job NNN of a Hydra multirun (sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    root = Path(cfg.save_dir) / str(cfg.name)
+    return root / f"run{HydraConfig.get().job.num:03d}" if sweep_job() else root
 
 
 def hydra_choices() -> tuple[Mapping[str, str | None], Sequence[Path]]:
@@ -105,6 +160,10 @@ def hydra_choices() -> tuple[Mapping[str, str | None], Sequence[Path]]:
 def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
               search: Sequence[Path] | None = None) -> RunParts:
     """Check the config and build every part of the run (nothing is sampled, no file is written)."""
+    check_name(cfg.get("name"))
+    if cfg.get("overwrite") and cfg.get("resume"):
+        raise UserError("overwrite=true and resume=true contradict each other: resume=true continues the run in "
+                        "its folder, overwrite=true deletes that folder first; pass one of them")
     if choices is None:
         choices, search = hydra_choices()
     _step("config", check_composed, cfg, choices, search or (CONFIGS,))
@@ -130,7 +189,7 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
     if tuple(model.image_shape) != shape:
         raise UserError(f"data images are {shape} (C, H, W) but the model expects {model.image_shape}: "
                         f"choose data with the model's resolution and channels (data.resolution, data.channels)")
-    _step("sampler", sampler.check, model)
+    _step("sampler", sampler.check, model, cfg.num_samples)
     evaluator = _step("eval_fn_list", Evaluator, list(cfg.eval_fn_list), eager_device(device), shape)
     n = len(dataset)
     shard = list(range(n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world))

@@ -44,6 +44,27 @@ class EventLog:
         self.file.close()
 
 
+def drop_unfinished(path: Path, finished: set[int]) -> int:
+    """Remove from an events file the lines of chunks with an image not in ``finished`` (a resumed run samples those
+    images again, and their new lines replace these); a line cut off by a kill goes too. Returns the lines removed."""
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            images = json.loads(line).get("images")
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if images is None or all(i in finished for i in range(images[0], images[1] + 1)):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 def summarise(values: list[float]) -> dict[str, float | int | None]:
     """min / median / max / mean of the finite values, and how many were not finite."""
     finite = sorted(v for v in values if v is not None and math.isfinite(v))

@@ -1,25 +1,32 @@
-"""The results of a run: scoring, per-image JSON, samples, metrics.json, eval.md, timing.json, the grid, and
-the merge of the ranks' timings.
+"""The results of a run: scoring, per-image JSON, samples, metrics.json, eval.md, timing.json, the grid, the
+merge of the ranks' timings and of a resumed run's attempts.
 
 Everything is rewritten (atomically) each time an image finishes, so an interrupted run leaves the
 metrics of every finished image. Metrics of a stopped (NaN/Inf) particle are null and excluded from
-the statistics; the statistics say how many particles they cover.
+the statistics; the statistics say how many particles they cover. While the run goes on, metrics.json
+and timing.json say ``running`` with the process (``pid``, ``host``) and ``heartbeat_unix``, which
+timing.json refreshes at most every :data:`HEARTBEAT_SEC` seconds at the end of a level: a run killed
+without warning stays ``running`` with an old heartbeat or a dead process (scripts/parse_metrics.py: stale).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from utils.data import load_image
 from utils.events import PhaseTimer, dump_json
 from utils.images import save_grid, save_png
 from utils.metrics import HIGHER_IS_BETTER
 
 GRID_MAX_IMAGES = 16
+HEARTBEAT_SEC = 10.0
 
 
 def particle_stats(values: list[float | None], higher_is_better: bool) -> dict[str, Any]:
@@ -40,6 +47,13 @@ class Recorder:
         self.root, self.header, self.metric_names = root, header, metric_names
         self.images: list[dict[str, Any]] = []
         (root / "per_image").mkdir(parents=True, exist_ok=True)
+
+    def finished(self) -> set[int]:
+        """Indices of the images finished by any process or earlier attempt (their per_image/<index>.json)."""
+        return {int(p.stem) for p in (self.root / "per_image").glob("*.json")}
+
+    def record(self, index: int) -> dict[str, Any]:
+        return json.loads((self.root / "per_image" / f"{index:05d}.json").read_text())
 
     def add_image(self, record: dict[str, Any]) -> None:
         """Record one finished image: {'index', 'name', 'particles': [{'sample', 'status', <metric>: value}]}."""
@@ -96,17 +110,52 @@ class Recorder:
         return "\n".join(lines) + "\n"
 
 
-class RunResults:
-    """Scores finished images and writes every result file of the run (metrics on rank 0 only)."""
+def process() -> dict[str, Any]:
+    """Who writes the results, and when (for telling a live run from a killed one)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "heartbeat_unix": time.time()}
 
-    def __init__(self, parts: Any, timer: PhaseTimer):
+
+def merge_phases(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-phase totals of two attempts: wall time and levels add up, peak memory is the larger."""
+    out = {k: dict(v) for k, v in a.items()}
+    for name, rec in b.items():
+        if name not in out:
+            out[name] = dict(rec)
+            continue
+        merged = out[name]
+        merged["wall_sec"] += rec["wall_sec"]
+        merged["steps"] += rec["steps"]
+        if "peak_memory_bytes" in rec:
+            merged["peak_memory_bytes"] = max(merged.get("peak_memory_bytes", 0), rec["peak_memory_bytes"])
+    return out
+
+
+def earlier_attempts(previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts recorded in a resumed run's timing.json; one still marked running was killed (stale)."""
+    attempts = [dict(a) for a in previous.get("attempts", [])]
+    if attempts and attempts[-1]["status"] == "running":
+        attempts[-1]["status"] = "stale"
+    return attempts
+
+
+class RunResults:
+    """Scores finished images and writes every result file of the run (metrics on rank 0 only).
+
+    With ``resumed``, the timing.json of the attempts before this one is read (``previous``) and the images they
+    finished are counted (``done_before``): this attempt's times, levels and network evaluations add to theirs."""
+
+    def __init__(self, parts: Any, timer: PhaseTimer, resumed: bool = False):
         self.parts, self.timer = parts, timer
         self.root = parts.root
         self.recorder = Recorder(self.root, parts.header(), parts.metric_names())
-        self.grid: list[dict[str, Any]] = []
+        timing = self.root / "timing.json"
+        self.previous = json.loads(timing.read_text()) if resumed and timing.is_file() else {}
+        self.done_before = len(self.recorder.finished()) if resumed else 0
+        self.grid: dict[int, dict[str, Any]] = {}
         self.images_done = self.network_evals = self.particle_network_evals = 0
+        self.finished_wall = self.finished_sampling = 0.0
         self.used_levels: list[int] = []
-        self.t0 = time.perf_counter()
+        self.started_unix, self.t0, self.last_beat = time.time(), time.perf_counter(), time.perf_counter()
 
     def add_sampling(self, used_levels: int, network_evals: int, particle_network_evals: int) -> None:
         """What one ``sample()`` call really did (levels visited, denoiser calls)."""
@@ -135,41 +184,92 @@ class RunResults:
                 save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
         self.recorder.add_image({"index": item.index, "name": item.name, "particles": particles})
         self.images_done += 1
-        if len(self.grid) < GRID_MAX_IMAGES:
-            self.grid.append({"gt": gt.cpu(), "y": parts.operator.view(y[None], gt.shape)[0].cpu(),
-                              "x": [xs[k].cpu() if s == "ok" else None for k, (s, _) in enumerate(status)]})
+        self.finished_wall = time.perf_counter() - self.t0
+        self.finished_sampling = sum(p["wall_sec"] for p in self.timer.summary().values())
+        self.add_grid(item.index, gt, y, [xs[k] if s == "ok" else None for k, (s, _) in enumerate(status)])
         if parts.dist.main:
-            timing = self.timing("running")
-            self.recorder.write("running", {"timing": timing})
-            dump_json(timing, self.root / "timing.json")
+            self.write("running")
             self.write_grid()
 
+    def restore_image(self, item: Any, gt: torch.Tensor, y: torch.Tensor) -> None:
+        """An image finished by an earlier attempt, for the grid: its particles are read back from samples/."""
+        record = self.recorder.record(item.index)
+        paths = [self.root / "samples" / f"{item.index:05d}_particle{p['sample']:02d}.png" for p in record["particles"]]
+        self.add_grid(item.index, gt, y, [load_image(p, gt.shape[0]) if p.is_file() else None for p in paths])
+
+    def add_grid(self, index: int, gt: torch.Tensor, y: torch.Tensor, xs: list[torch.Tensor | None]) -> None:
+        """Keep the grid column of ``index`` if it is among the :data:`GRID_MAX_IMAGES` lowest indices so far."""
+        if len(self.grid) >= GRID_MAX_IMAGES and index > max(self.grid):
+            return
+        self.grid[index] = {"gt": gt.cpu(), "y": self.parts.operator.view(y[None], gt.shape)[0].cpu(),
+                            "x": [x.cpu() if x is not None else None for x in xs]}
+        if len(self.grid) > GRID_MAX_IMAGES:
+            del self.grid[max(self.grid)]
+
+    def heartbeat(self) -> None:
+        """Refresh timing.json's heartbeat (rank 0, at most every HEARTBEAT_SEC seconds): called after each level."""
+        if self.parts.dist.main and time.perf_counter() - self.last_beat >= HEARTBEAT_SEC:
+            dump_json(self.timing("running"), self.root / "timing.json")
+            self.last_beat = time.perf_counter()
+
+    def write(self, status: str, ranks: list[dict[str, Any]] | None = None, error: str | None = None
+              ) -> dict[str, Any]:
+        """metrics.json, eval.md and timing.json for the images finished so far (rank 0); returns the timing."""
+        timing = self.timing(status, ranks, error)
+        head = {k: timing[k] for k in ("pid", "host", "heartbeat_unix", "error") if k in timing}
+        self.recorder.write(status, {**head, "timing": timing,
+                                     "peak_memory": {k: v.get("peak_memory_bytes", v.get("peak_memory"))
+                                                     for k, v in timing["phases"].items()}})
+        dump_json(timing, self.root / "timing.json")
+        self.last_beat = time.perf_counter()
+        return timing
+
     def local_timing(self) -> dict[str, Any]:
+        """This rank's measurements of this attempt."""
         return {"rank": self.parts.dist.rank, "device": str(self.parts.device), "images_done": self.images_done,
-                "wall_sec": time.perf_counter() - self.t0,
+                "wall_sec": time.perf_counter() - self.t0, "finished_wall_sec": self.finished_wall,
+                "finished_sampling_sec": self.finished_sampling,
                 "used_anneal_steps": max(self.used_levels, default=0),
                 "network_evals_per_particle": self.network_evals,
                 "particle_network_evals": self.particle_network_evals, "phases": self.timer.summary()}
 
-    def timing(self, status: str, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Wall-clock totals (slowest rank) and throughput over all ranks; per-phase times of rank 0.
-        Levels and network evaluations are counted as they happened, not predicted from the config."""
+    def timing(self, status: str, ranks: list[dict[str, Any]] | None = None, error: str | None = None
+               ) -> dict[str, Any]:
+        """Wall-clock totals (slowest rank) and throughput over all ranks and attempts; per-phase times of rank 0.
+
+        ``per_image_sec`` and ``sampling_per_image_sec`` count the time up to each rank's last finished image only
+        (an interrupted image's time is in ``total_wall_sec`` and ``sampling_wall_sec``, not in them). Levels and
+        network evaluations are counted as they happened, not predicted from the config."""
         ranks = ranks or [self.local_timing()]
-        total = max(r["wall_sec"] for r in ranks)
-        done = sum(r["images_done"] for r in ranks)
-        sampling = max(sum(p["wall_sec"] for p in r["phases"].values()) for r in ranks)
-        s = self.parts.sampler.describe()
-        out = {"status": status, "total_wall_sec": total, "images_done": done,
-               "per_image_sec": total / done if done else None,
-               "sampling_wall_sec": sampling, "sampling_per_image_sec": sampling / done if done else None,
-               "particles_per_image": self.parts.particles_per_image, "batch_size_images": self.parts.cfg.batch_size,
-               "ode_steps": s["ode_steps"], "ode_solver": s["ode_solver"],
-               "anneal_steps_cfg": s["schedule"]["anneal_steps"],
-               "used_anneal_steps": max(r["used_anneal_steps"] for r in ranks),
-               "mcmc_steps": s["mcmc_steps"],
-               "network_evals_per_particle": max(r["network_evals_per_particle"] for r in ranks),
-               "particle_network_evals": sum(r["particle_network_evals"] for r in ranks),
-               "phases": ranks[0]["phases"], "world_size": self.parts.dist.world}
+        prev, s = self.previous, self.parts.sampler.describe()
+        done = self.done_before + sum(r["images_done"] for r in ranks)
+        finished = prev.get("finished_wall_sec", 0.0) + max(r["finished_wall_sec"] for r in ranks)
+        finished_sampling = prev.get("finished_sampling_sec", 0.0) + max(r["finished_sampling_sec"] for r in ranks)
+        who = process()
+        attempt = {"started_unix": self.started_unix, "status": status, "wall_sec": max(r["wall_sec"] for r in ranks),
+                   "images_done": sum(r["images_done"] for r in ranks), "pid": who["pid"], "host": who["host"]}
+        out: dict[str, Any] = {"status": status, **who}
+        if error is not None:
+            out["error"] = attempt["error"] = error
+        attempts = [*earlier_attempts(prev), attempt]
+        out.update({
+            "total_wall_sec": sum(a["wall_sec"] for a in attempts), "images_done": done,
+            "per_image_sec": finished / done if done else None, "finished_wall_sec": finished,
+            "sampling_wall_sec": prev.get("sampling_wall_sec", 0.0)
+            + max(sum(p["wall_sec"] for p in r["phases"].values()) for r in ranks),
+            "sampling_per_image_sec": finished_sampling / done if done else None,
+            "finished_sampling_sec": finished_sampling,
+            "particles_per_image": self.parts.particles_per_image, "batch_size_images": self.parts.cfg.batch_size,
+            "ode_steps": s["ode_steps"], "ode_solver": s["ode_solver"],
+            "anneal_steps_cfg": s["schedule"]["anneal_steps"],
+            "used_anneal_steps": max([prev.get("used_anneal_steps", 0)] + [r["used_anneal_steps"] for r in ranks]),
+            "mcmc_steps": s["mcmc_steps"],
+            "network_evals_per_particle": max([prev.get("network_evals_per_particle", 0)]
+                                              + [r["network_evals_per_particle"] for r in ranks]),
+            "particle_network_evals": prev.get("particle_network_evals", 0)
+            + sum(r["particle_network_evals"] for r in ranks),
+            "phases": merge_phases(prev.get("phases", {}), ranks[0]["phases"]),
+            "world_size": self.parts.dist.world, "attempts": attempts})
         if self.parts.dist.world > 1:
             out["ranks"] = ranks
         return out
@@ -177,16 +277,12 @@ class RunResults:
     def write_grid(self) -> None:
         if not self.grid:
             return
-        columns = [[g["gt"], g["y"], *g["x"]] for g in self.grid]
+        columns = [[g["gt"], g["y"], *g["x"]] for _, g in sorted(self.grid.items())]
         rows = [[col[r] for col in columns] for r in range(2 + self.parts.particles_per_image)]
         save_grid(rows, self.root / "grid_results.png")
 
-    def finish(self, status: str, ranks: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def finish(self, status: str, ranks: list[dict[str, Any]] | None, error: str | None = None) -> dict[str, Any]:
         """The final metrics.json, timing.json, eval.md and grid (rank 0); returns the timing."""
-        timing = self.timing(status, ranks)
-        self.recorder.write(status, {"timing": timing,
-                                     "peak_memory": {k: v.get("peak_memory_bytes", v.get("peak_memory"))
-                                                     for k, v in timing["phases"].items()}})
-        dump_json(timing, self.root / "timing.json")
+        timing = self.write(status, ranks, error)
         self.write_grid()
         return timing
