@@ -210,8 +210,7 @@ class Run:
         parts, cfg, dev = self.parts, self.cfg, self.parts.device
         gt, y = self.measure(items)
         ns, position = cfg.num_samples, {it.index: i for i, it in enumerate(items)}
-        samples: dict[int, dict[int, torch.Tensor]] = {it.index: {} for it in items}
-        status: dict[int, dict[int, tuple]] = {it.index: {} for it in items}
+        samples: dict[int, dict[int, tuple]] = {it.index: {} for it in items}
         for run in range(cfg.num_runs):
             ids = [ParticleId(it.index, run, run * ns + j) for it in items for j in range(ns)]
             group = [position[pid.image] for pid in ids]
@@ -226,13 +225,12 @@ class Run:
                                        progress=self.observer.progress())
             self.results.add_sampling(res.used_levels, res.network_evals, res.particle_network_evals)
             for row, pid in enumerate(res.ids):
-                samples[pid.image][pid.sample] = res.x[row]
-                status[pid.image][pid.sample] = (res.status[row], res.stopped_at[row])
+                samples[pid.image][pid.sample] = (pid, res.x[row], (res.status[row], res.stopped_at[row]))
             self.observer.save_trajectory()
         for i, it in enumerate(items):
-            order = sorted(samples[it.index])
-            self.results.finish_image(it, gt[i], y[i], torch.stack([samples[it.index][k] for k in order]),
-                                      [status[it.index][k] for k in order])
+            done = [samples[it.index][k] for k in sorted(samples[it.index])]
+            self.results.finish_image(it, gt[i], y[i], torch.stack([x for _, x, _ in done]), [st for _, _, st in done],
+                                      [pid for pid, _, _ in done])
 
     def close(self, status: str, code: int, reason: str | None) -> int:
         """Stop the timer and the event log, write the final files (rank 0) and say how the run ended. ``reason``: the

@@ -164,8 +164,9 @@ class RunResults:
         self.particle_network_evals += particle_network_evals
 
     def finish_image(self, item: Any, gt: torch.Tensor, y: torch.Tensor, xs: torch.Tensor,
-                     status: list[tuple[str, int | None]]) -> None:
-        """Score the particles of one image (finite ones only), save its files and refresh metrics.json."""
+                     status: list[tuple[str, int | None]], ids: list[Any]) -> None:
+        """Score the particles of one image (finite ones only), save its files and refresh metrics.json;
+        ``ids`` are the particles' ParticleIds, in the rows of ``xs``."""
         parts = self.parts
         rows = [k for k, (st, _) in enumerate(status) if st == "ok"]
         scores: dict[str, list[float]] = {}
@@ -176,7 +177,7 @@ class RunResults:
                                          lambda x: parts.operator.loss(x, y.expand(len(x), *y.shape)).sqrt() / y_norm)
         particles = []
         for k, (st, at) in enumerate(status):
-            rec: dict[str, Any] = {"sample": k, "run": k // parts.cfg.num_samples, "status": st, "stopped_at_level": at}
+            rec: dict[str, Any] = {"sample": ids[k].sample, "run": ids[k].run, "status": st, "stopped_at_level": at}
             for m in parts.metric_names():
                 rec[m] = scores[m][rows.index(k)] if st == "ok" else None
             particles.append(rec)
