@@ -9,7 +9,8 @@ checked before the first sampling step; a finished image's results are on disk b
 chunk starts. The recorded status is the truth: ``complete`` only when every planned image finished,
 ``failed`` (with the error) on an exception, ``interrupted`` on SIGINT / SIGTERM (exit 130 / 143), and
 ``running`` with a heartbeat while it goes on. ``resume=true`` continues an interrupted or failed run in
-its folder: finished images are kept, the others are sampled with the same seeds.
+its folder: finished images are kept, the chunk in flight continues from its checkpoint (saved after every level),
+the others are sampled with the same seeds.
 
 Under ``torchrun --nproc_per_node=N`` each rank takes a contiguous slice of the images (seeds depend only
 on the image and sample numbers, so results do not depend on the split); every rank writes its images'
@@ -36,7 +37,7 @@ from sampler import ParticleId, start_particles
 from utils import folder
 from utils.build import RunParts, UserError, build_run, results_folder, sweep_job
 from utils.device import barrier, eager_device, gather, shutdown
-from utils.events import EventLog, PhaseTimer, drop_unfinished
+from utils.events import EventLog, PhaseTimer
 from utils.observer import RunLog, RunObserver, setup_logging
 from utils.results import GRID_MAX_IMAGES, RunResults
 
@@ -130,6 +131,8 @@ class Run:
         self.observer = RunObserver(self.events, self.timer, parts.model, parts.sampler.schedule.planned_levels,
                                     root / "trajectory" if self.cfg.save_traj else None, self.cfg.show_progress,
                                     self.results.heartbeat)
+        self.checkpoint = folder.ChunkCheckpoint(root / "checkpoint" / f"chunk{suffix}.pt")
+        self.resume_chunk = self.checkpoint.load() if self.resumed is not None else None
         finished = self.results.recorder.finished()
         items = [parts.dataset[i] for i in parts.shard]
         self.todo = [it for it in items if it.index not in finished]
@@ -147,16 +150,20 @@ class Run:
 
     def prepare_folder(self) -> None:
         """Rank 0: remove the old folder (overwrite=true) and create this run's, or keep the finished images of the
-        earlier attempt and drop the events of its unfinished ones (resume=true)."""
-        root = self.parts.root
+        earlier attempt, the checkpoints of the chunks it had in flight that this run continues, and the events of
+        both, and drop the events of the other unfinished images (resume=true)."""
+        root, parts = self.parts.root, self.parts
         if self.resumed is None:
             if self.cfg.overwrite and folder.inspect(root) is not None:
                 folder.remove(root)
             folder.create(root, "run", self.cfg)
         else:
             finished = {int(p.stem) for p in (root / "per_image").glob("*.json")}
+            chunks = {path.name[len("chunk"):-len(".pt")]: folder.usable_checkpoint(
+                          path, finished, self.cfg.batch_size, parts.dist.world, eager_device(parts.device).type)
+                      for path in sorted((root / "checkpoint").glob("chunk*.pt"))}
             for path in sorted(root.glob("events*.jsonl")):
-                dropped = drop_unfinished(path, finished)
+                dropped = folder.resume_events(path, finished, chunks.get(path.name[len("events"):-len(".jsonl")]))
                 if dropped:
                     log.info("resume=true: %s: removed %d line(s) of images that are sampled again", path.name, dropped)
         (root / "samples").mkdir(exist_ok=True)
@@ -206,31 +213,59 @@ class Run:
             return gt, self.parts.operator.measure(gt, gens)
 
     def run_chunk(self, items: list) -> None:
-        """Sample the particles of ``items`` (num_samples per image together, num_runs times), then score each image."""
+        """Sample the particles of ``items`` (num_samples per image together, num_runs times), then score each image.
+        After every level the chunk is checkpointed; a checkpoint of this chunk from an earlier attempt is continued."""
         parts, cfg, dev = self.parts, self.cfg, self.parts.device
         gt, y = self.measure(items)
         ns, position = cfg.num_samples, {it.index: i for i, it in enumerate(items)}
         samples: dict[int, dict[int, tuple]] = {it.index: {} for it in items}
+        chunk = {"images": [it.index for it in items], "batch_size": cfg.batch_size, "world": parts.dist.world,
+                 "run": 0, "done": []}
+        saved = self.continued(chunk["images"])
         for run in range(cfg.num_runs):
-            ids = [ParticleId(it.index, run, run * ns + j) for it in items for j in range(ns)]
-            group = [position[pid.image] for pid in ids]
-            noise = ParticleNoise([particle_seed(cfg.seed, pid.image, pid.sample) for pid in ids], dev)
-            x_start = parts.sampler.initial_state(noise, parts.model.in_shape, dev)
-            labels = None
-            if parts.model.class_conditional:
-                labels = parts.model.image_labels([it.index for it in items], [it.name for it in items])[group]
-            particles = start_particles(ids, y[group], group, noise, x_start, labels)
-            self.observer.begin([it.index for it in items], run, cfg.num_runs)
-            res = parts.sampler.sample(parts.model, parts.operator, particles, callback=self.observer,
-                                       progress=self.observer.progress())
-            self.results.add_sampling(res.used_levels, res.network_evals, res.particle_network_evals)
-            for row, pid in enumerate(res.ids):
-                samples[pid.image][pid.sample] = (pid, res.x[row], (res.status[row], res.stopped_at[row]))
-            self.observer.save_trajectory()
+            if saved is not None and run < saved["run"]:  # finished before the interrupt: in the checkpoint
+                out = saved["done"][run]
+            else:
+                ids = [ParticleId(it.index, run, run * ns + j) for it in items for j in range(ns)]
+                group = [position[pid.image] for pid in ids]
+                noise = ParticleNoise([particle_seed(cfg.seed, pid.image, pid.sample) for pid in ids], dev)
+                x_start = parts.sampler.initial_state(noise, parts.model.in_shape, dev)
+                labels = None
+                if parts.model.class_conditional:
+                    labels = parts.model.image_labels([it.index for it in items], [it.name for it in items])[group]
+                particles = start_particles(ids, y[group], group, noise, x_start, labels)
+                self.observer.begin([it.index for it in items], run, cfg.num_runs)
+                chunk["run"] = run
+                res = parts.sampler.sample(parts.model, parts.operator, particles, callback=self.observer,
+                                           progress=self.observer.progress(),
+                                           checkpoint=lambda state: self.checkpoint.save({**chunk, "sample": state}),
+                                           resume_from=saved["sample"] if saved and run == saved["run"] else None)
+                self.results.add_sampling(res.used_levels, res.network_evals, res.particle_network_evals)
+                out = {"ids": [list(pid) for pid in res.ids], "x": res.x.cpu(), "status": res.status,
+                       "stopped_at": res.stopped_at}
+                self.observer.save_trajectory()
+            chunk["done"].append(out)
+            for row, pid in enumerate(map(ParticleId._make, out["ids"])):
+                stopped = (out["status"][row], out["stopped_at"][row])
+                samples[pid.image][pid.sample] = (pid, out["x"][row].to(dev), stopped)
         for i, it in enumerate(items):
             done = [samples[it.index][k] for k in sorted(samples[it.index])]
             self.results.finish_image(it, gt[i], y[i], torch.stack([x for _, x, _ in done]), [st for _, _, st in done],
                                       [pid for pid, _, _ in done])
+        self.checkpoint.clear()
+
+    def continued(self, images: list[int]) -> dict | None:
+        """The checkpoint of the chunk of ``images`` that an earlier attempt had in flight, if there is one."""
+        saved, self.resume_chunk = self.resume_chunk, None
+        if saved is None:
+            return None
+        if saved["images"] != images:
+            log.info("resume=true: the checkpoint of images %d-%d is not the chunk of images %d-%d: not continued",
+                     saved["images"][0], saved["images"][-1], images[0], images[-1])
+            return None
+        log.info("resume=true: images %d-%d continue from their checkpoint (run %d, after level %d)", images[0],
+                 images[-1], saved["run"] + 1, saved["sample"]["step"] + 1)
+        return saved
 
     def close(self, status: str, code: int, reason: str | None) -> int:
         """Stop the timer and the event log, write the final files (rank 0) and say how the run ended. ``reason``: the

@@ -14,6 +14,10 @@ at once. The loop keeps no state between calls. It makes one host synchronisatio
 per-particle statistics of the level are copied to the host in one transfer (:func:`level_stats_to_host`),
 handed to the schedule and emitted as a ``level`` event through the one callback.
 
+Checkpoints: with a ``checkpoint`` callback the loop hands it, after each level, everything it needs to go on
+(:func:`loop_state`: host tensors and plain values, for ``torch.save``; one more transfer per level, the particles'
+state); ``sample(..., resume_from=that)`` continues from there, bit for bit as if never stopped (:func:`resume`).
+
 The schedule is the preset's (:class:`~cores.scheduler.PresetSchedule`) or, with ``sampler.k2_scheduler_config``,
 K2-DAPS's (:class:`~cores.k2.K2Schedule`: the next level by the conditional ESS; one sigma for the whole batch).
 """
@@ -34,7 +38,7 @@ from cores.noise import ParticleNoise, SharedNoise
 from cores.operators import LatentOperator, Operator
 from cores.scheduler import PFODE, PresetSchedule, Schedule
 from utils.config import check_keys
-from utils.device import index_tensor, to_host
+from utils.device import allow_sync, index_tensor, to_host
 
 log = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], None]
@@ -164,6 +168,46 @@ def drop_nonfinite(state: Particles, finite: list[float], step: int, sigma: floa
     return state.select([i for i, ok in enumerate(finite) if ok])
 
 
+def _to_cpu(value: Any) -> Any:
+    """A copy on the host of a tensor, or of the tensors of a dict (feature state)."""
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    with allow_sync():
+        return value.detach().to("cpu", copy=True)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return {k: _to_device(v, device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
+
+
+def loop_state(state: Particles, step: int, next_sigma: float | None, status: list[str],
+               stopped_at: list[int | None], levels: list[float], schedule: Schedule, net: CountingDenoiser
+               ) -> dict[str, Any]:
+    """What the loop needs to continue after level ``step`` (the particles' x already carry the noise of level
+    ``next_sigma``): tensors on the host, lists, dicts, numbers, strings and None only (``torch.load(...,
+    weights_only=True)`` reads it back)."""
+    return {"step": step, "next_sigma": next_sigma, "x": _to_cpu(state.x), "ids": [list(i) for i in state.ids],
+            "row": list(state.row), "status": list(status), "stopped_at": list(stopped_at), "levels": list(levels),
+            "noise": state.noise.state_dict(), "state": _to_cpu(state.state), "schedule": schedule.state_dict(),
+            "network_evals": net.calls, "particle_network_evals": net.particle_calls}
+
+
+def resume(particles: Particles, saved: dict[str, Any], schedule: Schedule, net: CountingDenoiser
+           ) -> tuple[Particles, float | None, int, list[str], list[int | None], list[float]]:
+    """The loop's state from :func:`loop_state` for the batch ``particles`` it started with (the same ids, rows
+    and measurements): (particles, sigma, step, status, stopped_at, levels) of the next level."""
+    state = particles.select(saved["row"])
+    if [list(i) for i in state.ids] != saved["ids"] or len(saved["status"]) != len(particles):
+        raise ValueError("resume_from belongs to another batch of particles")
+    state.x = saved["x"].to(particles.x.device, particles.x.dtype)
+    state.noise.load_state_dict(saved["noise"])
+    state.state = _to_device(saved["state"], particles.x.device)
+    schedule.load_state_dict(saved["schedule"])
+    net.calls, net.particle_calls = saved["network_evals"], saved["particle_network_evals"]
+    return (state, saved["next_sigma"], saved["step"] + 1, list(saved["status"]), list(saved["stopped_at"]),
+            list(saved["levels"]))
+
+
 class DAPS:
     """DAPS with any schedule; ``latent`` runs LatentDAPS. Build it from config with :func:`build_sampler`."""
 
@@ -206,13 +250,15 @@ class DAPS:
         return start_particles(ids, y, group, noise, self.initial_state(noise, shape, device))
 
     def sample(self, denoiser: Denoiser, operator: Operator, particles: Particles, callback: Callback | None = None,
-               progress: Callable[[int], Any] | None = None) -> SampleResult:
+               progress: Callable[[int], Any] | None = None, checkpoint: Callable[[dict], Any] | None = None,
+               resume_from: dict[str, Any] | None = None) -> SampleResult:
         """Run the loop for a batch of particles (:func:`start_particles`).
 
         ``callback`` receives typed events: ``phase`` (``phase``: the phase that starts, None at the end) and,
         once per level, ``level`` with the level's host-side statistics (``loss``, ``acceptance``, ``finite``),
         the schedule's report (``k2`` with K2 on), the particles' ``ids`` and the device tensors ``x0hat`` and
-        ``x0y``.
+        ``x0y``. ``checkpoint`` receives :func:`loop_state` after each level; ``resume_from``, one such state of a
+        call with the same ``particles``, continues that call after its level (the result is the same bit for bit).
         """
         self.schedule.check_particles(max(Counter(pid.image for pid in particles.ids).values(), default=0))
         emit = callback or (lambda event: None)
@@ -221,9 +267,13 @@ class DAPS:
         state, total = particles, len(particles)
         status, stopped_at = ["ok"] * total, [None] * total
         levels: list[float] = []
-        bar = progress(self.schedule.planned_levels) if progress else None
-        emit({"event": "phase", "phase": "explore", "step": 0})
         sigma, step = self.schedule.start(), 0
+        if resume_from is not None:
+            state, sigma, step, status, stopped_at, levels = resume(particles, resume_from, self.schedule, net)
+        bar = progress(self.schedule.planned_levels) if progress else None
+        if bar is not None and step:
+            bar.update(step)
+        emit({"event": "phase", "phase": "explore", "step": step})
         while sigma is not None and len(state):
             if "class_label" in state.state:  # labels are per-particle state: they follow every select
                 denoiser.condition(state.state["class_label"])
@@ -251,6 +301,8 @@ class DAPS:
                 finite_loss = [v for v, ok in zip(host["loss"], host["finite"]) if ok]
                 bar.set_postfix(sigma=f"{sigma:.3g}", loss=f"{min(finite_loss) if finite_loss else math.nan:.3g}")
                 bar.update(1)
+            if checkpoint is not None:
+                checkpoint(loop_state(state, step, next_sigma, status, stopped_at, levels, self.schedule, net))
             sigma, step = next_sigma, step + 1
         if bar is not None:
             bar.close()

@@ -149,7 +149,8 @@ class K2Schedule(Schedule):
     """The preset's levels for ``warm_steps`` levels, then the CESS rule of the module docstring.
 
     State (the EMA of the log-step, whether the no-information warning was given, the last decision) lives for one
-    ``sample()`` call and is reset by :meth:`start`.
+    ``sample()`` call and is reset by :meth:`start`; :meth:`state_dict` / :meth:`load_state_dict` carry it over a
+    checkpoint.
 
     ``progress`` (the MCMC step-size decay) is sigma's position on the preset's levels over T - 1
     (:func:`preset_position`): a level gets the step size the preset would use at its noise level, so a faster
@@ -198,6 +199,12 @@ class K2Schedule(Schedule):
         self.warned = False
         self.record: dict[str, Any] = {}
         return self.preset.start()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "warned": self.warned, "record": self.record}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema, self.warned, self.record = state["ema"], state["warned"], dict(state["record"])
 
     def check_particles(self, per_measurement: int) -> None:
         """K2 needs 2 particles of one measurement, unless max_step_factor = 1 makes it the preset (the log's no-op)."""

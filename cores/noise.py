@@ -5,6 +5,8 @@ particle batch. :class:`ParticleNoise` keeps one ``torch.Generator`` per particl
 draws depend only on its own seed and on how many draws it has made: 4 particles in one batch give
 the same numbers as 4 runs of one particle. :class:`SharedNoise` draws the whole batch from a single
 generator; it is faster for large statistical runs (validation) where that invariance is not needed.
+Both save and restore their generators' positions (``state_dict`` / ``load_state_dict``: a checkpoint continues
+every stream where it was).
 """
 from __future__ import annotations
 
@@ -59,6 +61,20 @@ class ParticleNoise:
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape[1:], x.dtype)
 
+    def state_dict(self) -> dict:
+        """Every generator's position (host byte tensors), with the seeds and the generators' device type."""
+        return {"device": self.gen_device.type, "seeds": list(self.seeds),
+                "states": [gen.get_state() for gen in self.generators]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Put every generator where :meth:`state_dict` found it (the same particles, generators on the same kind
+        of device: a CUDA generator's state does not fit a CPU one)."""
+        if saved["seeds"] != self.seeds or saved["device"] != self.gen_device.type:
+            raise ValueError(f"noise state of other particles or another device ({saved['device']}, now "
+                             f"{self.gen_device.type})")
+        for gen, state in zip(self.generators, saved["states"], strict=True):
+            gen.set_state(state)
+
     def select(self, keep: Sequence[int]) -> "ParticleNoise":
         """The streams of the kept particles, continuing where they were."""
         new = ParticleNoise.__new__(ParticleNoise)
@@ -87,6 +103,14 @@ class SharedNoise:
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape[1:], x.dtype)
+
+    def state_dict(self) -> dict:
+        return {"device": self.device.type, "states": [self.generator.get_state()]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if saved["device"] != self.device.type:
+            raise ValueError(f"noise state of another device ({saved['device']}, now {self.device.type})")
+        self.generator.set_state(saved["states"][0])
 
     def select(self, keep: Sequence[int]) -> "SharedNoise":
         new = SharedNoise.__new__(SharedNoise)

@@ -163,7 +163,8 @@ class Schedule:
     host-side per-particle statistics (lists: ``loss``, ``acceptance``, ``finite``, ``x0_shift``, ``group``; see
     sampler.py); ``None`` means that level was the last one (no noise is added after it). :meth:`progress` in
     [0, 1] drives the MCMC step-size decay. A schedule may keep state for one ``sample()`` call (an adaptive rule,
-    like k-diffusion's step-size controller); :meth:`start` resets it. :meth:`report` gives the level event's
+    like k-diffusion's step-size controller); :meth:`start` resets it, :meth:`state_dict` / :meth:`load_state_dict`
+    save and restore it (a checkpoint of the loop; plain values only). :meth:`report` gives the level event's
     fields about the last decision; :meth:`check_particles` refuses a batch the schedule cannot use, before compute;
     ``couples`` says which particles the schedule makes depend on each other (None: none).
     """
@@ -175,6 +176,13 @@ class Schedule:
 
     def check_particles(self, per_measurement: int) -> None:
         """Refuse, before any compute, batches whose largest number of particles of one measurement is this."""
+
+    def state_dict(self) -> dict:
+        """The state kept since :meth:`start` (numbers, strings, None, lists and dicts of them); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (after :meth:`start`)."""
 
     def report(self) -> dict:
         """Extra fields of the level event about the last :meth:`next` (none for a fixed schedule)."""

@@ -6,7 +6,8 @@ their own folders.
    goes on (so a SIGKILLed run is stale for scripts/parse_metrics.py);
 2. resume=true: finished images are kept, not recomputed, and the result equals an uninterrupted run's; a changed
    config is refused with the keys named;
-3. an interrupt loses only the images in flight;
+3. an interrupt loses only the levels since the last checkpoint of the chunk in flight: resume continues that chunk
+   from its level, and the result equals an uninterrupted run's;
 4. name is one folder name; overwrite=true deletes only this tool's folders;
 5. a sweep with an invalid value records that job as failed and runs the others; a refused sweep leaves its
    multirun.yaml alone;
@@ -269,6 +270,78 @@ def test_signal_mid_run_is_interrupted_and_resume_recomputes_only_the_rest(tmp_p
     assert f"{done} of 3 image(s) finished earlier are kept; sampling the other {3 - done}" in r.stderr
     assert stable(root) == stable(straight_cli)
     assert [a["status"] for a in read(root, "timing.json")["attempts"]] == ["interrupted", "complete"]
+
+
+def level_steps(events: Path, images: list[int]) -> list[int]:
+    lines = [json.loads(line) for line in events.read_text().splitlines() if line.endswith("}")]
+    return [e["step"] for e in lines if e["event"] == "level" and e["images"] == images]
+
+
+def test_sigint_mid_chunk_resumes_the_chunk_from_its_last_level(tmp_path):
+    """batch_size=2: images 0-1 are one chunk; SIGINT after its 10th level; resume goes on from the checkpoint."""
+    args = [*GROUPS, *SMALL, "batch_size=2", "sampler.annealing_scheduler_config.num_steps=60"]
+    r = cli([*args, f"save_dir={tmp_path / 'straight'}", "name=r"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    straight, root = tmp_path / "straight" / "r", tmp_path / "r"
+    proc = start([*args, f"save_dir={tmp_path}", "name=r"])
+    deadline = time.time() + 240
+    events = root / "events.jsonl"
+    while time.time() < deadline and proc.poll() is None and \
+            not (events.is_file() and max(level_steps(events, [0, 1]), default=-1) >= 9):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert read(root, "metrics.json")["num_images_done"] == 0  # the chunk was in flight
+    saved = torch.load(root / "checkpoint" / "chunk.pt", weights_only=True)
+    step = saved["sample"]["step"]
+    assert saved["images"] == [0, 1] and saved["run"] == 0 and 9 <= step < 59
+    before = set(events.read_text().splitlines())
+
+    r = cli([*args, f"save_dir={tmp_path}", "name=r", "resume=true"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"images 0-1 continue from their checkpoint (run 1, after level {step + 1})" in r.stderr
+    new = [line for line in events.read_text().splitlines() if line not in before]
+    assert level_steps(events, [0, 1]) == list(range(60))  # each level once: those before the interrupt kept
+    assert [json.loads(line)["step"] for line in new if '"event": "level"' in line and '"images": [0, 1]' in line] \
+        == list(range(step + 1, 60))  # the resumed run computed only the levels after the checkpoint
+    assert stable(root) == stable(straight)
+    for name in ("per_image/00000.json", "per_image/00001.json", "per_image/00002.json"):
+        assert read(root, name) == read(straight, name)
+    pngs = sorted(p.name for p in (straight / "samples").iterdir())
+    assert sorted(p.name for p in (root / "samples").iterdir()) == pngs and len(pngs) == 6
+    for name in pngs:
+        assert (straight / "samples" / name).read_bytes() == (root / "samples" / name).read_bytes(), name
+    evals = [read(folder, "timing.json")["particle_network_evals"] for folder in (root, straight)]
+    assert evals[0] == evals[1]  # the levels before the interrupt are counted once
+    assert not (root / "checkpoint").exists()  # deleted once its chunk's images were saved
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_events.py"), str(root)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count("60 levels, propagates=True") == 2, check.stdout
+
+
+def test_resume_with_another_batch_size_samples_the_checkpointed_chunk_again(tmp_path, monkeypatch, caplog):
+    from sampler import DAPS
+
+    real = DAPS.sample
+
+    def sample(self, *args, **kwargs):  # interrupted after the first chunk's third level
+        saves = []
+        save = kwargs["checkpoint"]
+        kwargs["checkpoint"] = lambda state: (save(state), saves.append(1),
+                                              len(saves) == 3 and os.kill(os.getpid(), signal.SIGINT))
+        return real(self, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(DAPS, "sample", sample)
+        assert run_in_process(f"save_dir={tmp_path}", "name=r", "batch_size=2") == 130
+    assert torch.load(tmp_path / "r" / "checkpoint" / "chunk.pt", weights_only=True)["sample"]["step"] == 2
+    with caplog.at_level(logging.INFO):
+        assert run_in_process(f"save_dir={tmp_path}", "name=r", "batch_size=3", "resume=true") == 0
+    assert "checkpoint chunk.pt of images 0-1 is not continued: it was written with batch_size=2, now 3" in caplog.text
+    assert not (tmp_path / "r" / "checkpoint").exists()
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_events.py"), str(tmp_path / "r")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count("4 levels, propagates=True") == 1, check.stdout
 
 
 def test_torchrun_resumes_each_ranks_unfinished_images(tmp_path, monkeypatch, straight_cli):

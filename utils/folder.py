@@ -6,6 +6,10 @@ the working directory; ``name`` is one path component (utils/build.check_name), 
 or a parent of it. ``resume=true`` continues a run in its own folder when its config.yaml agrees with the
 command in every key that changes results (utils/build.RESUME_FREE_KEYS).
 
+:class:`ChunkCheckpoint` (``checkpoint/chunk.pt``, ``chunk.rank<r>.pt`` under torchrun) holds the chunk in flight after
+its last finished level, so that ``resume=true`` continues that chunk (posterior_sample.py: Run.run_chunk) instead of
+sampling it again; :func:`usable_checkpoint` says whether a resumed run can continue it.
+
 :class:`SweepFolder` (a Hydra callback, configs/default.yaml) applies the same rules to a sweep's folder before
 Hydra writes multirun.yaml into it, so a refused sweep leaves the folder as it was.
 """
@@ -24,12 +28,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import torch
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from utils.build import RESUME_FREE_KEYS, UserError, check_name, config_differences
-from utils.events import dump_json
+from utils.events import dump_json, drop_unfinished
 
 log = logging.getLogger("posterior_sample")
 MARKER = ".daps_run"
@@ -270,3 +275,81 @@ class SweepFolder(Callback):
                 log.info("resume=true: continuing the sweep in %s", root)
                 return
         create(root, "sweep")
+
+
+class ChunkCheckpoint:
+    """The chunk in flight after its last finished level: ``images`` (dataset indices), ``batch_size``, ``world``,
+    ``run`` (the run in flight), ``done`` (the finished runs' particles: ``ids``, ``x``, ``status``, ``stopped_at``)
+    and ``sample`` (the loop's state, sampler.loop_state). Written with torch.save (tmp + rename: a reader never sees
+    half a file), read with ``weights_only=True``, deleted when the chunk's images are saved."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def save(self, chunk: dict[str, Any]) -> None:
+        self.path.parent.mkdir(exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(chunk, tmp)
+        tmp.replace(self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        return torch.load(self.path, weights_only=True) if self.path.is_file() else None
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".tmp").unlink(missing_ok=True)  # left by a save that was interrupted
+        try:
+            self.path.parent.rmdir()  # when no other rank's checkpoint is left
+        except OSError:
+            pass
+
+
+def usable_checkpoint(path: Path, finished: set[int], batch_size: int, world: int, device: str
+                      ) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if a resumed run continues it: none of its images finished, the same batch_size
+    and number of ranks (then its chunk is the first one the rank samples) and random generators on the same kind of
+    ``device``; otherwise it is deleted, with a log line saying why, and its images are sampled again."""
+    try:
+        saved = ChunkCheckpoint(path).load()
+        why = None if saved is None else _unusable(saved, finished, batch_size, world, device)
+    except Exception as err:  # noqa: BLE001 - a damaged file is only a lost head start
+        saved, why = None, f"is unreadable ({type(err).__name__}: {err})"
+    if saved is not None and why is None:
+        return saved
+    if why is not None:
+        log.info("resume=true: the checkpoint %s %s: those images are sampled again", path.name, why)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _unusable(saved: dict[str, Any], finished: set[int], batch_size: int, world: int, device: str) -> str | None:
+    images, had = saved["images"], saved["sample"]["noise"]["device"]
+    head = f"of images {images[0]}-{images[-1]} is not continued"
+    if finished & set(images):
+        return f"{head}: some of them are finished"
+    if saved["batch_size"] != batch_size:
+        return f"{head}: it was written with batch_size={saved['batch_size']}, now {batch_size}"
+    if saved["world"] != world:
+        return f"{head}: it was written by {saved['world']} rank(s), now {world}"
+    if had != device:
+        return f"{head}: its random generators are on {had}, now {device}"
+    return None
+
+
+def resume_events(path: Path, finished: set[int], chunk: dict[str, Any] | None) -> int:
+    """Drop from an events file the lines of images that are sampled again, keeping those of the checkpointed
+    ``chunk`` up to its last saved level (its finished runs, and the levels up to ``sample.step`` of its run in
+    flight: the resumed run continues that stream). Returns the lines removed."""
+    if chunk is None:
+        return drop_unfinished(path, finished)
+    images = chunk["images"]
+    dropped = drop_unfinished(path, finished | set(range(images[0], images[-1] + 1)))
+    stream, run, step = [images[0], images[-1]], chunk["run"], chunk["sample"]["step"]
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (ev := json.loads(line)).get("images") != stream or ev["run"] < run
+            or (ev["run"] == run and ev.get("step", 0) <= step)]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped + len(lines) - len(kept)

@@ -1,0 +1,84 @@
+"""Per-level checkpoints of the DAPS loop: ``sample()`` split at any level through ``checkpoint`` /
+``resume_from`` (saved and read back as a run saves it) equals one straight ``sample()`` bit for bit, with the preset
+schedule and with K2 (whose EMA is state), a stopped (NaN) particle included."""
+import io
+
+import pytest
+import torch
+
+from cores.models import build_model
+from cores.noise import ParticleNoise, particle_seed
+from cores.operators import PhaseRetrieval
+from sampler import ParticleId, build_sampler, start_particles
+
+ANNEAL = {"name": "edm", "num_steps": 8, "sigma_max": 10.0, "sigma_min": 0.1}
+ODE = {"name": "edm", "num_steps": 2, "sigma_min": 0.01}
+MCMC = {"num_steps": 3, "lr": 1e-4, "tau": 0.05, "lr_min_ratio": 0.1, "mc_algo": "hmc", "momentum": 0.5}
+K2 = {"name": "k2", "target_cess": 0.9, "max_step_factor": 10.0, "ema_alpha": 0.5, "warm_steps": 2, "min_sigma": 0.001}
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    d = build_model({"name": "gmm", "shape": [1, 8, 8], "num_components": 2})
+    x = d.sample(2, torch.Generator().manual_seed(0))[0]
+    return d, PhaseRetrieval()(x)
+
+
+def make(schedule: str):
+    return build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
+                          "k2_scheduler_config": K2 if schedule == "k2" else None}, MCMC)
+
+
+def fresh(d, s, y):
+    """Two measurements, three particles each, the second particle's measurement NaN (it stops at level 0)."""
+    groups = [0, 0, 0, 1, 1, 1]
+    ys = y[groups].clone()
+    ys[1] = float("nan")
+    noise = ParticleNoise([particle_seed(7, g, k) for k, g in enumerate(groups)])
+    x0 = s.initial_state(noise, d.in_shape, torch.device("cpu"))
+    return start_particles([ParticleId(g, 0, k) for k, g in enumerate(groups)], ys, groups, noise, x0)
+
+
+def round_trip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def levels(events):
+    return [{k: v for k, v in e.items() if k not in ("x0hat", "x0y")} for e in events if e["event"] == "level"]
+
+
+@pytest.mark.parametrize("schedule", ["preset", "k2"])
+def test_sample_split_at_any_level_equals_a_straight_sample(gmm, schedule):
+    d, y = gmm
+    s = make(schedule)
+    saved, events = [], []
+    straight = s.sample(d, PhaseRetrieval(), fresh(d, s, y), callback=events.append,
+                        checkpoint=lambda st: saved.append(round_trip(st)))
+    assert straight.status.count("nonfinite") == 1 and len(saved) == straight.used_levels
+    if schedule == "k2":
+        assert any(e["k2"]["mode"] == "cess" for e in levels(events)) and saved[-1]["schedule"]["ema"] is not None
+    for k in (0, 3, straight.used_levels - 2, straight.used_levels - 1):
+        s2 = make(schedule)  # a new process: nothing of the first call is left but the checkpoint
+        later = []
+        res = s2.sample(d, PhaseRetrieval(), fresh(d, s2, y), callback=later.append, resume_from=saved[k])
+        assert torch.equal(res.x.isnan(), straight.x.isnan()), k
+        assert torch.equal(res.x.nan_to_num(), straight.x.nan_to_num()), k
+        assert (res.status, res.stopped_at, res.levels) == (straight.status, straight.stopped_at, straight.levels)
+        assert (res.network_evals, res.particle_network_evals) == \
+            (straight.network_evals, straight.particle_network_evals)
+        assert levels(later) == levels(events)[k + 1:], k  # only the levels after k were computed again
+        assert later[0] == {"event": "phase", "phase": "explore", "step": k + 1}
+
+
+def test_a_checkpoint_of_other_particles_is_refused(gmm):
+    d, y = gmm
+    s = make("preset")
+    saved = []
+    s.sample(d, PhaseRetrieval(), fresh(d, s, y), checkpoint=saved.append)
+    other = fresh(d, s, y)
+    other.ids[0] = ParticleId(5, 0, 0)
+    with pytest.raises(ValueError, match="another batch"):
+        s.sample(d, PhaseRetrieval(), other, resume_from=saved[2])
