@@ -37,7 +37,7 @@ from cores.models import Denoiser
 from cores.noise import ParticleNoise, SharedNoise
 from cores.operators import LatentOperator, Operator
 from cores.scheduler import PFODE, PresetSchedule, Schedule
-from utils.config import check_keys
+from utils.config import check_keys, signature_keys
 from utils.device import allow_sync, index_tensor, to_host
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def build_sampler(sampler_cfg: dict, mcmc_cfg: dict) -> DAPS:
     _check_features(cfg)
     mcmc = MCMCConfig.from_dict(mcmc_cfg)
     ode_cfg = dict(cfg["diffusion_scheduler_config"])
-    check_keys(ode_cfg, ("name", "num_steps", "sigma_min", "timestep", "solver"), "sampler.diffusion_scheduler_config")
+    check_keys(ode_cfg, signature_keys(PFODE), "sampler.diffusion_scheduler_config")
     schedule: Schedule = PresetSchedule.from_config(dict(cfg["annealing_scheduler_config"]))
     k2 = k2_settings(cfg.get("k2_scheduler_config"))
     if k2 is not None:  # K2-DAPS wraps the preset: warm-up levels, floor, level count

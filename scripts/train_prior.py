@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.data import build_training_data, radial_power_spectrum, spectrum_mismatch  # noqa: E402
 from training.nets import build_autoencoder, build_unet, init_weights  # noqa: E402
 from training.trainer import AutoencoderTask, DiffusionTask, Trainer, encode_all  # noqa: E402
+from utils.device import auto_device, device_info  # noqa: E402
 
 log = logging.getLogger("train_prior")
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
@@ -143,8 +143,7 @@ def export(cfg: DictConfig, trainer: Trainer, wall: float, device: torch.device,
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("training_state.pt"))
     h = trainer.progress.history
     best = min(h, key=lambda r: r["val_loss"])
-    summary = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(device)
-               if device.type == "cuda" else platform.processor() or platform.machine(),
+    summary = {"command": "python " + " ".join(sys.argv), "device": device_info(device)["name"],
                "wall_sec_this_invocation": wall, "epochs_trained": len(h),
                "train_seconds_total": sum(r["seconds"] for r in h), "best_epoch": best["epoch"],
                "best_val_loss": best["val_loss"], "final_train_loss": h[-1]["train_loss"],
@@ -156,8 +155,7 @@ def export(cfg: DictConfig, trainer: Trainer, wall: float, device: torch.device,
 @hydra.main(version_base="1.3", config_path="../configs/train", config_name="fmnist32_ddpm")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = auto_device() if cfg.device == "auto" else torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     try:

@@ -100,6 +100,11 @@ def get_device(gpu: int | None = 0, use_tpu: bool = False, dist: Dist | None = N
     return torch.device("cuda", gpu)
 
 
+def auto_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU (for scripts with ``device: auto``)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def eager_device(device: torch.device) -> torch.device:
     """``device``, or the CPU in place of XLA, for the work that stays out of lazy graphs: random generators
     (XLA has none per particle; their draws are transferred and enter graphs as data, so nothing recompiles)
