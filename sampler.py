@@ -221,6 +221,10 @@ class DAPS:
         which K2 needs to be at least 2)."""
         if particles_per_measurement is not None:
             self.schedule.check_particles(particles_per_measurement)
+        if self.schedule.needs_acceptance and not self.kernel.needs_log_prob:
+            raise ValueError(f"the K2 reheating trigger low_acceptance reads MH acceptance rates, but mc_algo="
+                             f"{self.kernel.name} has no MH test: use an MH kernel (mala, hmc_mh, mh, da_hmc) or "
+                             "drop low_acceptance from sampler.k2_scheduler_config.reheat.triggers")
         if denoiser.latent != self.latent:
             kind = "latent" if denoiser.latent else "pixel"
             raise ValueError(f"model is a {kind} model but the sampler has latent={self.latent}: use "
@@ -256,8 +260,8 @@ class DAPS:
 
         ``callback`` receives typed events: ``phase`` (``phase``: the phase that starts, None at the end) and,
         once per level, ``level`` with the level's host-side statistics (``loss``, ``acceptance``, ``finite``),
-        the schedule's report (``k2`` with K2 on), the particles' ``ids`` and the device tensors ``x0hat`` and
-        ``x0y``. ``checkpoint`` receives :func:`loop_state` after each level; ``resume_from``, one such state of a
+        the particles' ``ids`` and the device tensors ``x0hat`` and ``x0y``, followed by the schedule's events of
+        that level (K2: ``k2`` records, ``reheat``). ``checkpoint`` receives :func:`loop_state` after each level; ``resume_from``, one such state of a
         call with the same ``particles``, continues that call after its level (the result is the same bit for bit).
         """
         self.schedule.check_particles(max(Counter(pid.image for pid in particles.ids).values(), default=0))
@@ -287,14 +291,16 @@ class DAPS:
             host = level_stats_to_host({"loss": out.loss, "acceptance": out.acceptance,
                                         "finite": torch.isfinite(out.x).flatten(1).all(1),
                                         "x0_shift": (out.x - target.prior_mean).pow(2).flatten(1).mean(1),
-                                        "group": state.group})
+                                        "group": state.group, **self.schedule.level_stats(target, out.x, state.group)})
             # 4. the next level (preset or K2); no noise after the last one
             next_sigma = self.schedule.next(step, sigma, host)
             state.x = out.x if next_sigma is None else out.x + next_sigma * state.noise.randn_like(out.x)
             levels.append(sigma)
             emit({"event": "level", "step": step, "sigma": sigma, "next_sigma": next_sigma or 0.0,
                   "ids": list(state.ids), "loss": host["loss"], "acceptance": host["acceptance"],
-                  "finite": host["finite"], **self.schedule.report(), "x0hat": x0hat, "x0y": out.x})
+                  "finite": host["finite"], "x0hat": x0hat, "x0y": out.x})
+            for event in self.schedule.events():
+                emit(event)
             # 5. particles that produced NaN/Inf stop here
             state = drop_nonfinite(state, host["finite"], step, sigma, status, stopped_at)
             if bar is not None:

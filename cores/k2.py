@@ -50,7 +50,10 @@ max_step_factor^2 - 1 (sigma falls at most by max_step_factor per level). Then, 
 4. lower bound: sigma_next >= min_sigma (or the preset's sigma_min when min_sigma is null), the threshold;
 5. monotone clamp: sigma_next <= sigma (the lower bound can act only downwards from the current level);
 6. early stop (``early_stop: true``): the level at the threshold is the last (``next`` returns None: no noise after
-   it). Without it, K2 visits as many levels as the preset, staying at the threshold once there (log section 15).
+   it). Without it, K2 visits as many levels as the preset, staying at the threshold once there (log section 15);
+7. reheating (``reheat``, off by default; cores/reheat.py): when its triggers fire, the next level is
+   sigma * factor instead, at most the preset's level k+1, so 3. still holds and the clamp 5. is lifted for that
+   level only (the ``reheat`` event says so; scripts/check_events.py accepts a rise only right after one).
 
 K2 runs the preset for ``warm_steps`` levels first; it never visits more levels than the preset. The per-particle
 numbers come from the level's one host transfer (sampler.py: ``x0_shift`` = mean_j (x0y_ij - m_ij)^2, ``group``,
@@ -69,12 +72,18 @@ import math
 import statistics
 from typing import Any, Sequence
 
+import torch
+
+from cores.reheat import Reheat
 from cores.scheduler import PresetSchedule, Schedule
+from cores.stein import imq_ksd_rows
 from utils.config import check_keys
 
 log = logging.getLogger(__name__)
 
-K2_KEYS = ("name", "enabled", "target_cess", "max_step_factor", "ema_alpha", "min_sigma", "warm_steps", "early_stop")
+K2_KEYS = ("name", "enabled", "target_cess", "max_step_factor", "ema_alpha", "min_sigma", "warm_steps", "early_stop",
+           "reheat")
+DEFAULT_PARTICLES = 4  # num_samples: null with K2 on (the log's 4 runs, as one batch)
 SIGMA_EPS = 1e-8  # the log's r /= sigma^2 + 1e-8
 BISECTION_STEPS = 60
 
@@ -157,14 +166,16 @@ class K2Schedule(Schedule):
     schedule decays the step size by noise level, not by level count; on the preset's own levels it is the preset's
     step / (T - 1) exactly.
 
-    :meth:`report` (the level event's ``k2``): ``mode`` (``warm``: a preset level of the warm-up; ``cess``: K2 chose
-    ``next_sigma``; ``stop``: this level is the last, ``early_stop`` true when the threshold ended it rather than the
-    preset's level count), ``sigma`` and ``sigma_used`` (the level's sigma, the log's "used" record), ``next_sigma``
-    (0 after the last level) and, for ``cess``: ``proposed`` (K2's sigma before floor and bounds), ``dgamma``
+    :meth:`events` (written to events.jsonl as ``event: k2``, the records the log's diagnostics read): ``mode``
+    (``warm``: a preset level of the warm-up; ``cess``: K2 chose ``next_sigma``; ``reheat``: the reheating rule raised
+    it, with ``reheat_signals``; ``stop``: this level is the last, ``early_stop`` true when the threshold ended it
+    rather than the preset's level count, with the ``threshold``), ``step``, ``sigma`` and ``sigma_used``,
+    ``next_sigma`` (0 after the last level) and, for ``cess``: ``proposed`` (K2's sigma before floor and bounds), ``dgamma``
     (1/next_sigma^2 - 1/sigma^2), ``log_step`` (median over measurements of log(sigma / sigma_g)), ``ema`` (its
     smoothed value), ``cess`` (``groups``: each measurement's CESS for the step actually taken, by its index in the
     batch, null with fewer than 2 finite particles; ``median``), ``capped`` (measurements whose step hit
-    max_step_factor), and whether the ``floor``, the ``min_sigma`` bound or the monotone ``clamp`` acted.
+    max_step_factor), and whether the ``floor``, the ``min_sigma`` bound or the monotone ``clamp`` acted; then a
+    ``mode: used`` record with ``sigma_used`` for every level, and an ``event: reheat`` with its ``trigger`` list.
     """
 
     couples = ("the whole batch: K2's batch median of the measurements' CESS proposals sets one sigma sequence "
@@ -172,7 +183,7 @@ class K2Schedule(Schedule):
 
     def __init__(self, preset: PresetSchedule, target_cess: float = 0.90, max_step_factor: float = 3.0,
                  ema_alpha: float = 0.2, min_sigma: float | None = None, warm_steps: int = 10,
-                 early_stop: bool = False):
+                 early_stop: bool = False, reheat: dict | None = None):
         if not 0 < target_cess <= 1:
             raise ValueError(f"k2_scheduler_config.target_cess must be in (0, 1], got {target_cess}")
         if not max_step_factor >= 1:
@@ -192,19 +203,38 @@ class K2Schedule(Schedule):
             early_stop
         self.threshold = float(min_sigma) if min_sigma is not None else preset.levels[-1]
         self.max_delta = self.max_step_factor**2 - 1
+        self.reheat = Reheat.from_config(reheat)
+        self.needs_acceptance = self.reheat.needs_acceptance
         self.start()
 
     def start(self) -> float:
         self.ema: float | None = None
         self.warned = False
         self.record: dict[str, Any] = {}
+        self.reheated: dict[str, Any] | None = None
+        self.reheat.start()
         return self.preset.start()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "warned": self.warned, "record": self.record}
+        return {"ema": self.ema, "warned": self.warned, "record": self.record, "reheated": self.reheated,
+                "reheat": self.reheat.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema, self.warned, self.record = state["ema"], state["warned"], dict(state["record"])
+        self.reheated = state["reheated"]
+        self.reheat.load_state_dict(state["reheat"])
+
+    @property
+    def default_particles(self) -> int:
+        return DEFAULT_PARTICLES
+
+    def level_stats(self, target: Any, x: torch.Tensor, group: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``ksd``: each particle's row of the IMQ KSD^2 of the level's target (cores/stein.py), for the reheating
+        rule's plateau trigger (one more gradient of the target per level; only when that trigger is on)."""
+        if not self.reheat.needs_ksd:
+            return {}
+        score, _ = target.grad(x)
+        return {"ksd": imq_ksd_rows(x, score, group, self.reheat.imq_c, self.reheat.imq_beta)}
 
     def check_particles(self, per_measurement: int) -> None:
         """K2 needs 2 particles of one measurement, unless max_step_factor = 1 makes it the preset (the log's no-op)."""
@@ -215,12 +245,14 @@ class K2Schedule(Schedule):
 
     def next(self, step: int, sigma: float, stats: dict[str, list]) -> float | None:
         preset_next = self.preset.next(step, sigma, stats)
+        self.reheated = None
         if step < self.warm_steps:
-            self.record = {"mode": "warm", "sigma": sigma, "sigma_used": sigma, "next_sigma": preset_next or 0.0}
+            self.record = {"mode": "warm", "step": step, "sigma": sigma, "sigma_used": sigma,
+                           "next_sigma": preset_next or 0.0}
             return preset_next
         if preset_next is None or (self.early_stop and sigma <= self.threshold):
-            self.record = {"mode": "stop", "sigma": sigma, "sigma_used": sigma, "next_sigma": 0.0,
-                           "early_stop": preset_next is not None}
+            self.record = {"mode": "stop", "step": step, "sigma": sigma, "sigma_used": sigma, "next_sigma": 0.0,
+                           "early_stop": preset_next is not None, "threshold": self.threshold}
             return None
         groups = normalised_residuals(stats, sigma)
         deltas = {g: cess_step(r, self.target_cess, self.max_delta) for g, r in groups.items() if len(r) >= 2}
@@ -242,15 +274,39 @@ class K2Schedule(Schedule):
             if len(r) >= 2:
                 per_group[g] = cess(incremental_log_weights(r, taken))
         known = [c for c in per_group if c is not None]
-        self.record = {"mode": "cess", "sigma": sigma, "sigma_used": sigma, "proposed": proposed, "next_sigma": out,
-                       "dgamma": 1 / out**2 - 1 / sigma**2, "log_step": u, "ema": self.ema,
-                       "cess": {"groups": per_group, "median": statistics.median(known) if known else None},
+        cess_median = statistics.median(known) if known else None
+        self.record = {"mode": "cess", "step": step, "sigma": sigma, "sigma_used": sigma, "proposed": proposed,
+                       "next_sigma": out, "dgamma": 1 / out**2 - 1 / sigma**2, "log_step": u, "ema": self.ema,
+                       "cess": {"groups": per_group, "median": cess_median},
                        "capped": sum(d >= self.max_delta for d in deltas.values()), "floor": floored < proposed,
                        "min_sigma": bounded > floored, "clamp": out < bounded}
-        return out
+        return self._maybe_reheat(step, sigma, out, preset_next, stats, cess_median)
 
-    def report(self) -> dict[str, Any]:
-        return {"k2": self.record}
+    def _maybe_reheat(self, step: int, sigma: float, out: float, preset_next: float, stats: dict[str, list],
+                      cess_median: float | None) -> float:
+        """The reheating rule (cores/reheat.py) after K2's decision ``out``: sigma * factor, at most the preset's next
+        level, when its triggers fire."""
+        if not self.reheat.enabled:
+            return out
+        signals = self.reheat.signals(stats, cess_median)
+        self.record["reheat_signals"] = signals
+        if not self.reheat.decide(signals):
+            return out
+        raised = self.reheat.apply(sigma, preset_next)
+        if raised is None:
+            self.record["reheat_skipped"] = "no levels saved: the preset's next level is not above sigma"
+            return out
+        self.record.update(mode="reheat", next_sigma=raised, dgamma=1 / raised**2 - 1 / sigma**2)
+        self.reheated = {"event": "reheat", "step": step, "sigma": sigma, "next_sigma": raised,
+                         "trigger": signals["fired"], "reheats": self.reheat.count, "k2_next_sigma": out,
+                         **{k: v for k, v in signals.items() if k != "fired"}}
+        return raised
+
+    def events(self) -> list[dict[str, Any]]:
+        """The log's diagnostics records of the last level (K2 experiment log, sections 2.1, 2.2, 6): its decision
+        (``mode`` warm / cess / reheat / stop), ``mode: used`` with ``sigma_used``, and a ``reheat`` event."""
+        used = {"event": "k2", "mode": "used", "step": self.record["step"], "sigma_used": self.record["sigma_used"]}
+        return [{"event": "k2", **self.record}, used] + ([self.reheated] if self.reheated else [])
 
     def progress(self, step: int, sigma: float) -> float:
         levels = self.preset.levels
@@ -265,7 +321,7 @@ class K2Schedule(Schedule):
         return {**self.preset.describe(), "name": "k2", "target_cess": self.target_cess,
                 "max_step_factor": self.max_step_factor, "ema_alpha": self.ema_alpha, "min_sigma": self.min_sigma,
                 "threshold": self.threshold, "warm_steps": self.warm_steps, "early_stop": self.early_stop,
-                "progress": "sigma's position on the preset's levels"}
+                "reheat": self.reheat.describe(), "progress": "sigma's position on the preset's levels"}
 
 
 def k2_settings(cfg: dict | None) -> dict | None:

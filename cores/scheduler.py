@@ -10,7 +10,7 @@ so VP, VE and EDM schedules differ only in where they place the levels.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -164,12 +164,17 @@ class Schedule:
     sampler.py); ``None`` means that level was the last one (no noise is added after it). :meth:`progress` in
     [0, 1] drives the MCMC step-size decay. A schedule may keep state for one ``sample()`` call (an adaptive rule,
     like k-diffusion's step-size controller); :meth:`start` resets it, :meth:`state_dict` / :meth:`load_state_dict`
-    save and restore it (a checkpoint of the loop; plain values only). :meth:`report` gives the level event's
-    fields about the last decision; :meth:`check_particles` refuses a batch the schedule cannot use, before compute;
-    ``couples`` says which particles the schedule makes depend on each other (None: none).
+    save and restore it (a checkpoint of the loop; plain values only). :meth:`events` gives the events about the
+    last decision; :meth:`level_stats` adds device-side per-particle statistics the schedule needs to the level's one
+    host transfer; :meth:`check_particles` refuses a batch the schedule cannot use, before compute;
+    ``default_particles`` is num_samples when the user leaves it null; ``needs_acceptance``: the schedule reads
+    MH acceptance rates (a kernel without an MH test is refused); ``couples`` says which particles the schedule
+    makes depend on each other (None: none).
     """
 
     couples: str | None = None
+    default_particles = 1
+    needs_acceptance = False
 
     def start(self) -> float:
         raise NotImplementedError
@@ -184,8 +189,13 @@ class Schedule:
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` (after :meth:`start`)."""
 
-    def report(self) -> dict:
-        """Extra fields of the level event about the last :meth:`next` (none for a fixed schedule)."""
+    def events(self) -> list[dict]:
+        """Events about the last :meth:`next`, emitted after the level's (none for a fixed schedule)."""
+        return []
+
+    def level_stats(self, target: Any, x: torch.Tensor, group: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-particle statistics (1-D device tensors) of the level's final states ``x`` under ``target``
+        (cores/mcmc.py), for :meth:`next`; none by default."""
         return {}
 
     def next(self, step: int, sigma: float, stats: dict[str, list]) -> float | None:

@@ -3,8 +3,9 @@
     python scripts/check_events.py results/<name>      (a run, or a sweep folder: each run<NNN>/ job)
 
 For each (images, run) stream of level events: next_sigma of a level equals sigma of the next level,
-sigma never increases, the last level has next_sigma = 0; also counts levels, NaN particles and the
-mean acceptance of MH kernels. In a run that did not complete (status running, stale, interrupted, failed,
+sigma never increases except right after a K2 ``reheat`` event of that level, the last level has next_sigma = 0
+(with K2: an early stop, at the threshold, or the preset's last level); also counts the levels used (and, with K2,
+its ``mode: used`` records, which must agree), reheats, NaN particles and the mean acceptance of MH kernels. In a run that did not complete (status running, stale, interrupted, failed,
 or no metrics.json) the stream it stopped in is reported as unfinished, with its last level, and is not an
 error. Exits 1 if a check fails, or if a folder does not exist or is not a results folder.
 """
@@ -26,6 +27,8 @@ from scripts.parse_metrics import find_runs, job_name, read_json, run_status  # 
 def level_events(run: Path, complete: bool) -> tuple[dict[tuple, list[dict]], set[tuple], list[str], bool]:
     """(streams, streams a file ends in, notes, ok) from events.jsonl and the events.rank<r>.jsonl of torchrun.
 
+    A stream holds the level events and the schedule's events (``k2``, ``reheat``) of one (images, run).
+
     A line that is not JSON is an error, except the last line of a run that did not complete: it was cut off.
     """
     streams: dict[tuple, list[dict]] = defaultdict(list)
@@ -43,7 +46,7 @@ def level_events(run: Path, complete: bool) -> tuple[dict[tuple, list[dict]], se
                     notes.append(f"{path.name} line {n}: not valid JSON ({err})")
                     ok = False
                 continue
-            if ev.get("event") == "level":
+            if ev.get("event") in ("level", "k2", "reheat"):
                 key = (tuple(ev["images"]), ev["run"])
                 streams[key].append(ev)
         if key is not None:
@@ -70,11 +73,26 @@ def check(run: Path, prefix: str) -> bool:
         print(f"{prefix}no level events in events*.jsonl" + (" of a complete run" if complete else " yet"))
         return ok and not complete
     total = read_json(run / "timing.json").get("anneal_steps_cfg") or configured_levels(run)
-    for (images, r), evs in streams.items():
+    for (images, r), stream in streams.items():
+        evs = [ev for ev in stream if ev["event"] == "level"]
+        reheats = {ev["step"] for ev in stream if ev["event"] == "reheat"}
+        k2 = [ev for ev in stream if ev["event"] == "k2"]
+        used = sum(ev["mode"] == "used" for ev in k2)
         propagates = all(abs(a["next_sigma"] - b["sigma"]) < 1e-9 * max(1.0, b["sigma"]) for a, b in zip(evs, evs[1:]))
-        monotone = all(ev["next_sigma"] <= ev["sigma"] for ev in evs)
+        monotone = all(ev["next_sigma"] <= ev["sigma"] or ev["step"] in reheats for ev in evs)
         ends_clean = evs[-1]["next_sigma"] == 0
         nan = sum(len(ev["nonfinite"]) for ev in evs)
+        k2_txt, k2_ok = "", True
+        if k2:
+            stop = [ev for ev in k2 if ev["mode"] == "stop"]
+            k2_ok = used == len(evs) and (not stop or stop[-1]["step"] == evs[-1]["step"])
+            k2_txt = f", K2 used {used} levels" + (" (disagrees with the level events)" if used != len(evs) else "")
+            if stop and stop[-1]["early_stop"]:
+                at = stop[-1]["sigma"] <= stop[-1]["threshold"] * (1 + 1e-9)
+                k2_ok &= at
+                k2_txt += f", early stop at sigma {stop[-1]['sigma']:.4g} (threshold {stop[-1]['threshold']:.4g})" + (
+                    "" if at else ": ABOVE the threshold")
+            k2_txt += f", reheats {len(reheats)}"
         acc = [ev["acceptance"]["mean"] for ev in evs if ev.get("acceptance") and ev["acceptance"].get("n")]
         acc_txt = f", mean acceptance {sum(acc) / len(acc):.3f}" if acc else ""
         head = f"{prefix}images {images[0]}-{images[1]} run {r}: "
@@ -85,8 +103,8 @@ def check(run: Path, prefix: str) -> bool:
             ok &= propagates and monotone
             continue
         print(f"{head}{len(evs)} levels, propagates={propagates}, monotone={monotone}, "
-              f"last next_sigma=0: {ends_clean}, NaN particles {nan}{acc_txt}")
-        ok &= propagates and monotone and ends_clean
+              f"last next_sigma=0: {ends_clean}, NaN particles {nan}{acc_txt}{k2_txt}")
+        ok &= propagates and monotone and ends_clean and k2_ok
     return ok
 
 

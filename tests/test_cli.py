@@ -131,7 +131,7 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
     (["task.pixel_hmc.operator.sigma=-0.1"], "sigma (the measurement noise std) must be a finite number >= 0"),
     (["+sampler.diffusion_scheduler_config.solver=rk5"], "unknown ODE solver"),
     (["task.pixel_hmc.mcmc_sampler_config.mc_algo=ula"], "unknown mc_algo"),
-    (["++sampler.k2_scheduler_config.name=k2"], "K2-DAPS needs at least 2 particles of one measurement"),
+    (["++sampler.k2_scheduler_config.name=k2", "num_samples=1"], "K2-DAPS needs at least 2 particles of one measurement"),
     (["+experiment=exp1_repulsion"], "sampler.repulsion.scale=10.0: particle repulsion (Exp 1) is not implemented yet"),
     (["+experiment=exp2_pruning", "repulsion_scale=0"], "particle pruning (Exp 2) is not implemented yet"),
     # typos fail with the key named and its nearest valid neighbour (they used to run with the defaults)

@@ -51,6 +51,11 @@ def levels_of(events):
     return [e for e in events if e["event"] == "level"]
 
 
+def decisions(events):
+    """K2's decision record of each level (``event: k2``, not ``mode: used``), in level order."""
+    return [e for e in events if e["event"] == "k2" and e["mode"] != "used"]
+
+
 def test_cess_is_one_for_equal_weights_and_one_over_n_for_one_dominant_weight():
     assert cess([0.3] * 5) == pytest.approx(1.0)
     assert cess([0.0, -1e4, -1e4, -1e4, -1e4]) == pytest.approx(1 / 5)
@@ -100,7 +105,7 @@ def walk(sched, r_per_group):
     while sigma is not None:
         out.append(sigma)
         nxt = sched.next(step, sigma, stats(r_per_group, sigma))
-        reports.append(sched.report()["k2"])
+        reports.append(sched.events()[0])
         sigma, step = nxt, step + 1
     return out, reports
 
@@ -155,9 +160,12 @@ def test_warm_up_levels_equal_the_preset(gmm):
     res = run(d, s, y, [0, 0, 1, 1], events=events)
     levels = levels_of(events)
     assert res.levels[:5] == s.schedule.preset.levels[:5] == [e["sigma"] for e in levels][:5]
-    assert [e["k2"]["mode"] for e in levels[:4]] == ["warm"] * 4 and levels[4]["k2"]["mode"] == "cess"
+    k2s = decisions(events)
+    assert [e["mode"] for e in k2s[:4]] == ["warm"] * 4 and k2s[4]["mode"] == "cess"
     assert res.levels[5] < s.schedule.preset.levels[5]  # K2 took over (its cap: 3x per level)
-    k2 = levels[4]["k2"]
+    k2 = k2s[4]
+    used = [e for e in events if e["event"] == "k2" and e["mode"] == "used"]
+    assert [e["sigma_used"] for e in used] == res.levels and [e["step"] for e in k2s] == list(range(len(levels)))
     assert k2["sigma"] == k2["sigma_used"] == levels[4]["sigma"] and k2["next_sigma"] == levels[4]["next_sigma"]
     assert len(k2["cess"]["groups"]) == 2 and k2["dgamma"] == pytest.approx(1 / k2["next_sigma"]**2 - 1 / k2["sigma"]**2)
 
@@ -169,8 +177,9 @@ def test_early_stop_ends_at_the_threshold_without_noise(gmm):
     res = run(d, s, y, [0, 0, 1, 1], events=events)
     levels = levels_of(events)
     assert res.used_levels < ANNEAL["num_steps"] and res.levels[-1] == FAST["min_sigma"]
-    assert levels[-1]["next_sigma"] == 0.0 and levels[-1]["k2"]["mode"] == "stop" and levels[-1]["k2"]["early_stop"]
-    assert levels[-2]["k2"]["min_sigma"] and levels[-2]["next_sigma"] == FAST["min_sigma"]
+    k2s = decisions(events)
+    assert levels[-1]["next_sigma"] == 0.0 and k2s[-1]["mode"] == "stop" and k2s[-1]["early_stop"]
+    assert k2s[-2]["min_sigma"] and levels[-2]["next_sigma"] == FAST["min_sigma"]
     torch.testing.assert_close(res.x, levels[-1]["x0y"], rtol=0, atol=0)
     # without early stop K2 visits as many levels as the preset and stays at the threshold
     res = run(d, make(FAST), y, [0, 0, 1, 1])
@@ -186,7 +195,7 @@ def test_noop_profile_is_the_preset_bit_for_bit(pixel_model_dir):
         events = []
         noop = run(d, make({**NOOP, "warm_steps": warm}, anneal), y, [0, 0, 1, 1], events=events)
         assert noop.levels == preset.levels and torch.equal(noop.x, preset.x)
-        assert all(e["k2"]["floor"] for e in levels_of(events)[warm:-1])
+        assert all(e["floor"] for e in decisions(events)[warm:-1])
 
 
 def test_enabled_false_or_null_runs_the_preset():

@@ -7,6 +7,7 @@ are the pure checks of the results folder's name and of a resumed run's config (
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -22,6 +23,8 @@ from utils.config import CONFIGS, check_composed, check_experiment_order
 from utils.data import Dataset, build_dataset
 from utils.device import Dist, device_info, eager_device, get_device, init_distributed
 from utils.metrics import Evaluator
+
+log = logging.getLogger("posterior_sample")
 
 
 class UserError(Exception):
@@ -168,7 +171,6 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
         choices, search = hydra_choices()
     _step("config", check_composed, cfg, choices, search or (CONFIGS,))
     _step("config", check_experiment_order, cfg, choices, search or (CONFIGS,))
-    check_counts(cfg)
     data_cfg = _require(cfg, "data", "test-fmnist")
     model_cfg = _require(cfg, "model", "fmnist32ddpm")
     task_cfg = _require(cfg, "task", "phase_retrieval")
@@ -178,6 +180,12 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
                         f"choose one of {', '.join(task_cfg)}")
     group = task_cfg[cfg.task_group]
     sampler = _step("sampler", build_sampler, sampler_cfg, group["mcmc_sampler_config"])
+    if cfg.num_samples is None:  # written back, so config.yaml and the results header show the number used
+        cfg.num_samples = sampler.schedule.default_particles
+        log.info("num_samples=null: %d particle(s) per measurement (%s)", cfg.num_samples,
+                 "K2 measures a CESS among a measurement's particles; the K2 log's 4 runs as one batch"
+                 if cfg.num_samples > 1 else "the default without K2")
+    check_counts(cfg)
     dist = init_distributed(cfg.gpu, cfg.use_tpu)
     device = _step("device", get_device, cfg.gpu, cfg.use_tpu, dist)
     dataset = _step("data", build_dataset, data_cfg)

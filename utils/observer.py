@@ -119,7 +119,7 @@ class RunObserver:
             return
         if ev["event"] == "phase":
             self.timer.enter(ev["phase"])
-        self.events.write({**ev, **self.context})  # phase, and features' own events (prune, reheat, ...)
+        self.events.write({**self.context, **ev})  # phase, and features' own events (k2, reheat, prune, ...)
 
     def on_level(self, ev: dict[str, Any]) -> None:
         self.timer.step()
