@@ -286,12 +286,10 @@ class DAPS:
             # 2. MCMC on the level's conditional pi_k (data term + Gaussian around x0hat)
             target = make_target(self.target, net, lambda x, yy=state.y: op.loss(x, yy), state.x, x0hat, sigma)
             out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))
-            # 3. the level's statistics: the one host synchronisation of the level (x0_shift: mean squared
-            #    distance of x0y from the level's Gaussian mean, the sigma-dependent factor that K2 weighs)
+            # 3. the level's statistics, with those the schedule asks for: the one host synchronisation of the level
             host = level_stats_to_host({"loss": out.loss, "acceptance": out.acceptance,
-                                        "finite": torch.isfinite(out.x).flatten(1).all(1),
-                                        "x0_shift": (out.x - target.prior_mean).pow(2).flatten(1).mean(1),
-                                        "group": state.group, **self.schedule.level_stats(target, out.x, state.group)})
+                                        "finite": torch.isfinite(out.x).flatten(1).all(1), "group": state.group,
+                                        **self.schedule.level_stats(target, out.x, state.group)})
             # 4. the next level (preset or K2); no noise after the last one
             next_sigma = self.schedule.next(step, sigma, host)
             state.x = out.x if next_sigma is None else out.x + next_sigma * state.noise.randn_like(out.x)

@@ -56,8 +56,11 @@ max_step_factor^2 - 1 (sigma falls at most by max_step_factor per level). Then, 
    level only (the ``reheat`` event says so; scripts/check_events.py accepts a rise only right after one).
 
 K2 runs the preset for ``warm_steps`` levels first; it never visits more levels than the preset. The per-particle
-numbers come from the level's one host transfer (sampler.py: ``x0_shift`` = mean_j (x0y_ij - m_ij)^2, ``group``,
-``finite``); the rule runs on host floats.
+numbers come from the level's one host transfer (:meth:`K2Schedule.level_stats`: ``x0_shift`` = mean_j (or sum_j)
+(x0y_ij - m_ij)^2; sampler.py: ``group``, ``finite``); the rule runs on host floats.
+
+``statistic: sum`` (not in the log) keeps the sum over the D coordinates, i.e. the exact incremental weight above;
+then target_cess binds at small steps (of order 1 / sqrt(D) relative), where with ``mean`` max_step_factor decides.
 
 **Batch invariance.** Step 1 makes one sigma sequence for the whole batch: a particle's result depends on the other
 measurements in its batch (results record batch_size; ``DAPS.describe()`` says ``couples``). What still holds: the
@@ -82,7 +85,8 @@ from utils.config import check_keys
 log = logging.getLogger(__name__)
 
 K2_KEYS = ("name", "enabled", "target_cess", "max_step_factor", "ema_alpha", "min_sigma", "warm_steps", "early_stop",
-           "reheat")
+           "statistic", "reheat")
+STATISTICS = ("mean", "sum")  # over the coordinates of (x0y - m)^2: the log's normalisation, or the exact weight
 DEFAULT_PARTICLES = 4  # num_samples: null with K2 on (the log's 4 runs, as one batch)
 SIGMA_EPS = 1e-8  # the log's r /= sigma^2 + 1e-8
 BISECTION_STEPS = 60
@@ -183,7 +187,7 @@ class K2Schedule(Schedule):
 
     def __init__(self, preset: PresetSchedule, target_cess: float = 0.90, max_step_factor: float = 3.0,
                  ema_alpha: float = 0.2, min_sigma: float | None = None, warm_steps: int = 10,
-                 early_stop: bool = False, reheat: dict | None = None):
+                 early_stop: bool = False, statistic: str = "mean", reheat: dict | None = None):
         if not 0 < target_cess <= 1:
             raise ValueError(f"k2_scheduler_config.target_cess must be in (0, 1], got {target_cess}")
         if not max_step_factor >= 1:
@@ -196,6 +200,9 @@ class K2Schedule(Schedule):
                              f"(the preset's sigma_min), got {min_sigma}")
         if isinstance(warm_steps, bool) or not isinstance(warm_steps, int) or warm_steps < 0:
             raise ValueError(f"k2_scheduler_config.warm_steps must be an integer >= 0, got {warm_steps!r}")
+        if statistic not in STATISTICS:
+            raise ValueError(f"k2_scheduler_config.statistic must be one of {list(STATISTICS)} (mean: the log's "
+                             f"normalisation; sum: the exact tempering weight), got {statistic!r}")
         if not isinstance(early_stop, bool):
             raise ValueError(f"k2_scheduler_config.early_stop must be true or false, got {early_stop!r}")
         self.preset, self.target_cess, self.max_step_factor = preset, float(target_cess), float(max_step_factor)
@@ -203,6 +210,7 @@ class K2Schedule(Schedule):
             early_stop
         self.threshold = float(min_sigma) if min_sigma is not None else preset.levels[-1]
         self.max_delta = self.max_step_factor**2 - 1
+        self.statistic = statistic
         self.reheat = Reheat.from_config(reheat)
         self.needs_acceptance = self.reheat.needs_acceptance
         self.start()
@@ -229,12 +237,15 @@ class K2Schedule(Schedule):
         return DEFAULT_PARTICLES
 
     def level_stats(self, target: Any, x: torch.Tensor, group: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``ksd``: each particle's row of the IMQ KSD^2 of the level's target (cores/stein.py), for the reheating
-        rule's plateau trigger (one more gradient of the target per level; only when that trigger is on)."""
-        if not self.reheat.needs_ksd:
-            return {}
-        score, _ = target.grad(x)
-        return {"ksd": imq_ksd_rows(x, score, group, self.reheat.imq_c, self.reheat.imq_beta)}
+        """``x0_shift``: the mean (or sum) over coordinates of (x0y - m)^2, m the level's Gaussian mean (the factor K2
+        weighs); ``ksd``: each particle's row of the IMQ KSD^2 of the level's target (cores/stein.py), for the
+        reheating rule's plateau trigger (one more gradient of the target per level; only when that trigger is on)."""
+        sq = (x - target.prior_mean).pow(2).flatten(1)
+        out = {"x0_shift": sq.mean(1) if self.statistic == "mean" else sq.sum(1)}
+        if self.reheat.needs_ksd:
+            score, _ = target.grad(x)
+            out["ksd"] = imq_ksd_rows(x, score, group, self.reheat.imq_c, self.reheat.imq_beta)
+        return out
 
     def check_particles(self, per_measurement: int) -> None:
         """K2 needs 2 particles of one measurement, unless max_step_factor = 1 makes it the preset (the log's no-op)."""
@@ -320,6 +331,7 @@ class K2Schedule(Schedule):
         """The preset's description (anneal_steps: the most levels K2 visits) with K2's settings."""
         return {**self.preset.describe(), "name": "k2", "target_cess": self.target_cess,
                 "max_step_factor": self.max_step_factor, "ema_alpha": self.ema_alpha, "min_sigma": self.min_sigma,
+                "statistic": self.statistic,
                 "threshold": self.threshold, "warm_steps": self.warm_steps, "early_stop": self.early_stop,
                 "reheat": self.reheat.describe(), "progress": "sigma's position on the preset's levels"}
 

@@ -160,7 +160,8 @@ class Schedule:
     """Role of an annealing schedule: which noise levels the DAPS loop visits.
 
     The loop asks :meth:`start` for the first level, then after each level :meth:`next` with the level's
-    host-side per-particle statistics (lists: ``loss``, ``acceptance``, ``finite``, ``x0_shift``, ``group``; see
+    host-side per-particle statistics (lists: ``loss``, ``acceptance``, ``finite``, ``group`` and those of
+    :meth:`level_stats`; see
     sampler.py); ``None`` means that level was the last one (no noise is added after it). :meth:`progress` in
     [0, 1] drives the MCMC step-size decay. A schedule may keep state for one ``sample()`` call (an adaptive rule,
     like k-diffusion's step-size controller); :meth:`start` resets it, :meth:`state_dict` / :meth:`load_state_dict`
