@@ -76,6 +76,7 @@ def test_the_logs_k2_commands_run_as_written(tmp_path, name):
     timing = json.loads((run / "timing.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_samples"] == (4 if k2_on else 1)  # num_samples: null -> 4 with K2 (the log's 4 runs)
+    assert ("Not batch-invariant: the sampler couples the whole batch" in (run / "eval.md").read_text()) == k2_on
     used_lines = sum('"mode": "used"' in line for line in (run / "events.jsonl").open())  # section 17's awk
     assert used_lines == (timing["used_anneal_steps"] if k2_on else 0)
     if name == "s14_k2_early":

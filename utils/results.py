@@ -91,9 +91,13 @@ class Recorder:
         agg = self.aggregate()
         lines = [f"# {self.header.get('name', 'run')} ({status})", "",
                  f"{len(self.images)} image(s), {self.header.get('particles_per_image')} particle(s) each; "
-                 f"best-of-n is an oracle (chosen per image and metric with the ground truth).", "",
-                 "| metric | best-of-n | mean-of-n | mean std over particles | images |",
-                 "|---|---|---|---|---|"]
+                 f"best-of-n is an oracle (chosen per image and metric with the ground truth).", ""]
+        couples = (self.header.get("sampler") or {}).get("couples", "")
+        if couples and not couples.startswith("none"):
+            lines += [f"Not batch-invariant: the sampler couples {couples} (batch_size "
+                      f"{self.header.get('batch_size')}).", ""]
+        lines += ["| metric | best-of-n | mean-of-n | mean std over particles | images |",
+                  "|---|---|---|---|---|"]
         for m in self.metric_names:
             if m in agg:
                 a = agg[m]
