@@ -20,22 +20,60 @@ Kernels (``mc_algo``) share one step-size meaning, ``lr``: the Langevin step, pr
             v = m v + sqrt(lr) grad + sqrt(2 (1 - m)) n, x += sqrt(lr) v, v ~ N(0, I) at each level;
 * mala:     Langevin proposal + Metropolis-Hastings test (Roberts & Tweedie 1996);
 * hmc_mh:   L leapfrog steps of size sqrt(2 lr), full momentum refresh, MH test (Neal 2011);
+* da_hmc:   delayed-acceptance HMC: hmc_mh's trajectory on a cheap surrogate pi~, a first MH test on pi~ and
+            the exact second test only for proposals that pass it (below);
 * mh:       random walk x' = x + sqrt(2 lr) n with MH test.
 
 MH kernels return the acceptance rate of each particle over the level's steps.
+
+Delayed acceptance (da_hmc): the two-stage test of Christen & Fox 2005 (see Sherlock, Thiery & Golightly on its
+efficiency), with HMC trajectories on the surrogate as in Rasmussen 2003. The surrogate keeps the prior factor of
+pi and replaces the data term by its first-order expansion at a per-particle anchor a, the level's x0hat
+(``Target.anchor``):
+
+    log pi~(x) = -w L~(x) + log p(x),   L~(x) = L(a) + <grad L(a), x - a>,                        (DA0)
+
+fixed for the whole level: a is known before the chain starts and does not depend on its state, so each step
+below is reversible with respect to pi. One step from x draws p ~ N(0, I), runs hmc_mh's leapfrog on
+H~(x, p) = -log pi~(x) + |p|^2 / 2 to (x', p'), and accepts x' with probability
+
+    alpha_1 = min(1, exp(H~(x, p) - H~(x', p')))                                                  (DA1)
+    alpha_2 = min(1, pi(x') pi~(x) / (pi(x) pi~(x')))
+            = min(1, exp(-w [(L - L~)(x') - (L - L~)(x)]))                                          (DA2)
+
+in turn, the second test only if the first passed. On (x, p) the leapfrog map followed by a momentum flip is a
+volume-preserving involution, so DA1 is the MH test of pi~(x) N(p; 0, I) and DA2 the delayed-acceptance correction
+[pi / pi~](x') over [pi / pi~](x) (the momenta cancel): alpha_1 alpha_2 satisfies detailed balance with respect to
+pi(x) N(p; 0, I), and the kernel is exact however bad the surrogate is; a bad one costs acceptance, not bias.
+
+Cost per level (L = leapfrog_steps, N = num_steps): da_hmc evaluates one exact gradient (at a), one exact loss
+(at the chain's start) and, per step, one exact loss without gradient for the particles that passed DA1 only;
+its trajectory needs only pi~'s gradient, -w grad L(a) plus the prior's (elementwise work on stored tensors for
+the Gaussian prior solvers; with prior_solver=exact the model's score and log-density, cheap for the analytic
+mixture). hmc_mh evaluates N L + 1 exact gradients. The operator (and the decoder of latent models) runs only
+in those exact evaluations; for a batch the second stage evaluates only the rows that passed (``Target.loss_rows``
+when the caller provides it), which costs one host synchronisation per step (which rows passed).
+
+The first-order surrogate ignores the data term's curvature 2 w J^T J (J the Jacobian of A, through the decoder
+for latent models). Where that curvature dominates the prior's 1 / r^2, as in DAPS with a small tau, DA1 passes
+almost every trajectory and DA2 rejects any step longer than the conditional's narrowest std: on the mixture
+level of docs/validation.md (table A) da_hmc needs a step 500 times smaller than hmc_mh. A Gauss-Newton surrogate
+||A(a) + J (x - a) - y||^2 would keep that curvature, but its gradient needs a Jacobian-vector and a
+vector-Jacobian product through A (and the decoder) at every leapfrog step, as much as an exact gradient, and
+``Target`` only sees the scalar loss, not the residual A(x) - y it would linearise.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from cores.noise import ParticleNoise, SharedNoise
 from utils.config import check_keys
-from utils.device import end_step
+from utils.device import allow_sync, end_step
 
 log = logging.getLogger(__name__)
 Noise = ParticleNoise | SharedNoise
@@ -49,6 +87,9 @@ class Target:
 
     ``loss(x)`` is the per-particle ||A(x) - y||^2. For the exact solver, ``prior_score`` (and, for MH
     kernels, ``prior_log_prob``) of the model at sigma_min replace the Gaussian around prior_mean.
+    ``anchor`` is the level's x0hat, where da_hmc linearises L (eq. DA0); ``loss_rows(x_rows, rows)``, when given,
+    is the loss of the particles ``rows`` (a long tensor of batch indices) at their states ``x_rows``, so that
+    da_hmc evaluates only the proposals that passed its first test (:meth:`loss_of`).
     """
 
     loss: Callable[[torch.Tensor], torch.Tensor]
@@ -57,6 +98,8 @@ class Target:
     prior_mean: torch.Tensor
     prior_score: Callable[[torch.Tensor], torch.Tensor] | None = None
     prior_log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None
+    anchor: torch.Tensor | None = None
+    loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def _prior_grad(self, x: torch.Tensor) -> torch.Tensor:
         g = (self.prior_mean - x) / self.r**2
@@ -64,13 +107,33 @@ class Target:
             g = g + self.prior_score(x)
         return g
 
-    def grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(grad log pi(x), L(x)) per particle."""
+    def loss_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad L(x), L(x)) per particle."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             loss = self.loss(xg)
             (g,) = torch.autograd.grad(loss.sum(), xg)
-        return self._prior_grad(x) - self.data_weight * g, loss.detach()
+        return g, loss.detach()
+
+    def grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad log pi(x), L(x)) per particle."""
+        g, loss = self.loss_grad(x)
+        return self._prior_grad(x) - self.data_weight * g, loss
+
+    def loss_of(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """L of the particles ``rows`` of the batch ``x``, shape (len(rows),), without gradients: only those rows
+        are evaluated when the target has ``loss_rows``, the whole batch otherwise."""
+        with torch.no_grad():
+            return self.loss(x)[rows] if self.loss_rows is None else self.loss_rows(x[rows], rows)
+
+    def linearised(self) -> "Target":
+        """da_hmc's surrogate pi~ (eq. DA0): L replaced by its first-order expansion at ``anchor`` (one exact
+        gradient), the prior factor unchanged. Its ``loss`` is L~, whose gradient is the stored grad L(a)."""
+        if self.anchor is None:
+            raise ValueError("the surrogate needs the level's anchor x0hat (make_target sets it)")
+        a = self.anchor
+        g, loss_a = self.loss_grad(a)
+        return replace(self, loss=lambda x: loss_a + ((x - a) * g).flatten(1).sum(1), loss_rows=None)
 
     def _log_prob(self, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         logp = -self.data_weight * loss - (x - self.prior_mean).pow(2).flatten(1).sum(1) / (2 * self.r**2)
@@ -94,9 +157,13 @@ class Target:
 
 @dataclass
 class KernelOutput:
+    """A level's final states and losses per particle; MH kernels add each particle's acceptance rate, da_hmc also
+    the rate at which its proposals passed the first (surrogate) test."""
+
     x: torch.Tensor
     loss: torch.Tensor
     acceptance: torch.Tensor | None = None
+    stage1_acceptance: torch.Tensor | None = None
 
 
 def _sqnorm(v: torch.Tensor) -> torch.Tensor:
@@ -113,8 +180,29 @@ def _mh_accept(noise: Noise, log_alpha: torch.Tensor, state: tuple[torch.Tensor,
 
     Returns the new state (every per-particle tensor of ``state`` replaced where accepted) and the accept mask.
     """
-    acc = noise.rand(log_alpha.dtype).log() < log_alpha
+    acc = _mh_test(noise, log_alpha)
     return tuple(torch.where(_bcast(acc, s), p, s) for s, p in zip(state, proposal, strict=True)), acc
+
+
+def _mh_test(noise: Noise, log_alpha: torch.Tensor) -> torch.Tensor:
+    """True with probability min(1, exp(log_alpha)) per particle (one uniform of each particle's stream)."""
+    return noise.rand(log_alpha.dtype).log() < log_alpha
+
+
+def _leapfrog(target: Target, state: tuple[torch.Tensor, ...], p: torch.Tensor, h: float, steps: int
+              ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``steps`` leapfrog steps of size h (unit mass; Neal 2011) from ``state`` = (x, log pi, grad log pi, L)
+    with momentum p: p += h/2 grad, then x += h p and p += h grad, the last momentum update a half step.
+
+    Returns the end state (same layout) and log alpha = H(x, p) - H(x', p'), H = -log pi + |p|^2 / 2.
+    """
+    xn, logp, gn, _ = state
+    pn = p + 0.5 * h * gn
+    for i in range(steps):
+        xn = xn + h * pn
+        proposal = (xn, *target.log_prob_and_grad(xn))
+        pn = pn + (h if i < steps - 1 else 0.5 * h) * proposal[2]
+    return proposal, (-logp + 0.5 * _sqnorm(p)) - (-proposal[1] + 0.5 * _sqnorm(pn))
 
 
 @dataclass
@@ -215,14 +303,7 @@ class LeapfrogHMC(Kernel):
         state = (x, *target.log_prob_and_grad(x))  # x, log pi, grad, loss
         accepted = torch.zeros_like(state[1])
         for _ in range(self.num_steps):
-            xn, logp, gn, _ = state
-            p = noise.randn_like(xn)
-            pn = p + 0.5 * h * gn
-            for i in range(self.leapfrog_steps):
-                xn = xn + h * pn
-                proposal = (xn, *target.log_prob_and_grad(xn))
-                pn = pn + (h if i < self.leapfrog_steps - 1 else 0.5 * h) * proposal[2]
-            log_alpha = (-logp + 0.5 * _sqnorm(p)) - (-proposal[1] + 0.5 * _sqnorm(pn))  # H(x, p) - H(x', p')
+            proposal, log_alpha = _leapfrog(target, state, noise.randn_like(x), h, self.leapfrog_steps)
             state, acc = _mh_accept(noise, log_alpha, state, proposal)
             accepted = accepted + acc.to(accepted.dtype)
             end_step(*state, accepted)
@@ -230,6 +311,45 @@ class LeapfrogHMC(Kernel):
 
     def grad_evals(self) -> int:
         return self.num_steps * self.leapfrog_steps + 1
+
+
+@dataclass
+class DelayedAcceptanceHMC(LeapfrogHMC):
+    """Delayed-acceptance HMC (module docstring, eqs. DA0-DA2): hmc_mh's trajectory on the linearised surrogate,
+    its MH test (DA1), then the exact test (DA2) for the proposals that passed, the only ones whose exact loss
+    is evaluated."""
+
+    name = "da_hmc"
+
+    def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        h = math.sqrt(2 * lr)
+        surrogate = target.linearised()
+        with torch.no_grad():
+            state = (x, *surrogate.log_prob_and_grad(x), target.loss(x))  # x, log pi~, grad log pi~, L~, L
+        passed = torch.zeros_like(state[1])
+        accepted = torch.zeros_like(state[1])
+        for _ in range(self.num_steps):
+            proposal, log_alpha = _leapfrog(surrogate, state[:4], noise.randn_like(x), h, self.leapfrog_steps)
+            stage1 = _mh_test(noise, log_alpha)  # DA1
+            with allow_sync():  # which rows pass decides which rows the exact loss evaluates
+                rows = stage1.nonzero().squeeze(1)
+            loss = state[4].clone()  # a placeholder where DA1 rejected: DA2 is not taken there
+            if len(rows):
+                loss[rows] = target.loss_of(proposal[0], rows)
+            log_alpha2 = -target.data_weight * ((loss - proposal[3]) - (state[4] - state[3]))  # DA2
+            state, acc = _mh_accept(noise, log_alpha2.masked_fill(~stage1, -math.inf), state, (*proposal, loss))
+            passed = passed + stage1.to(passed.dtype)
+            accepted = accepted + acc.to(accepted.dtype)
+            end_step(*state, passed, accepted)
+        return KernelOutput(state[0], state[4], accepted / self.num_steps, passed / self.num_steps)
+
+    def grad_evals(self) -> int:
+        """Exact gradients per level: one, at the anchor (the trajectory uses the surrogate's)."""
+        return 1
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "surrogate": "data term linearised at x0hat (first order), prior exact",
+                "max_loss_evals_per_level": self.num_steps + 1}
 
 
 @dataclass
@@ -252,8 +372,9 @@ class RandomWalkMH(Kernel):
         return KernelOutput(state[0], state[2], accepted / self.num_steps)
 
 
-KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Langevin, DampedHMC, MALA, LeapfrogHMC, RandomWalkMH)}
-KERNEL_ONLY_KEYS = {"momentum": "hmc", "leapfrog_steps": "hmc_mh"}
+KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Langevin, DampedHMC, MALA, LeapfrogHMC, DelayedAcceptanceHMC,
+                                                         RandomWalkMH)}
+KERNEL_ONLY_KEYS = {"momentum": ("hmc",), "leapfrog_steps": ("hmc_mh", "da_hmc")}
 
 
 @dataclass
@@ -308,11 +429,11 @@ class MCMCConfig:
     def kernel(self) -> Kernel:
         kwargs = {}
         for key, value in self.extra.items():
-            if KERNEL_ONLY_KEYS[key] == self.mc_algo:
+            if self.mc_algo in KERNEL_ONLY_KEYS[key]:
                 kwargs[key] = value
             else:
                 log.warning("mcmc_sampler_config.%s is used only by mc_algo=%s; ignored by %s",
-                            key, KERNEL_ONLY_KEYS[key], self.mc_algo)
+                            key, " / ".join(KERNEL_ONLY_KEYS[key]), self.mc_algo)
         return KERNELS[self.mc_algo](num_steps=self.num_steps, lr=self.lr, lr_min_ratio=self.lr_min_ratio, **kwargs)
 
 
@@ -330,16 +451,19 @@ class TargetSpec:
 
 
 def make_target(cfg: MCMCConfig | TargetSpec, denoiser: Any, loss: Callable[[torch.Tensor], torch.Tensor], xt: torch.Tensor,
-                x0hat: torch.Tensor, sigma: float) -> Target:
-    """The level's target pi for the configured prior solver (r = sigma_t, as the official DAPS)."""
+                x0hat: torch.Tensor, sigma: float,
+                loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Target:
+    """The level's target pi for the configured prior solver (r = sigma_t, as the official DAPS), anchored at x0hat
+    (da_hmc's linearisation point); ``loss_rows`` as in :class:`Target`."""
     w, r = cfg.data_weight, sigma
+    extra = {"anchor": x0hat, "loss_rows": loss_rows}
     if cfg.prior_solver == "gaussian":
-        return Target(loss, w, r, x0hat)
+        return Target(loss, w, r, x0hat, **extra)
     with torch.no_grad():
         if cfg.prior_solver == "score-t":
-            return Target(loss, w, r, denoiser.denoise(xt, sigma))
+            return Target(loss, w, r, denoiser.denoise(xt, sigma), **extra)
         if cfg.prior_solver == "score-min":
-            return Target(loss, w, r, xt + r**2 * denoiser.score(x0hat, cfg.prior_sigma_min))
+            return Target(loss, w, r, xt + r**2 * denoiser.score(x0hat, cfg.prior_sigma_min), **extra)
     s_min = cfg.prior_sigma_min
 
     def score(x: torch.Tensor) -> torch.Tensor:
@@ -347,4 +471,4 @@ def make_target(cfg: MCMCConfig | TargetSpec, denoiser: Any, loss: Callable[[tor
             return denoiser.score(x, s_min)
 
     log_prob = (lambda x: denoiser.log_prob(x, s_min)) if denoiser.has_log_prob else None
-    return Target(loss, w, r, xt, score, log_prob)
+    return Target(loss, w, r, xt, score, log_prob, **extra)
