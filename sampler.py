@@ -34,8 +34,10 @@ import torch
 from cores.k2 import K2Schedule, k2_settings
 from cores.mcmc import Kernel, MCMCConfig, TargetSpec, make_target
 from cores.models import Denoiser
-from cores.noise import ParticleNoise, SharedNoise
+from cores.noise import ParticleNoise, SharedNoise, branch_seed
 from cores.operators import LatentOperator, Operator
+from cores.pruning import Pruning, choose
+from cores.repulsion import Repulsion, Tilt, distance_stats, force_ratio, pairwise_sq, repulsion_report
 from cores.scheduler import PFODE, PresetSchedule, Schedule
 from utils.config import check_keys, signature_keys
 from utils.device import allow_sync, index_tensor, to_host
@@ -108,7 +110,8 @@ def start_particles(ids: list[ParticleId], y: torch.Tensor, group: list[int], no
 @dataclass
 class SampleResult:
     """Final states of all particles in their starting rows (rows of stopped particles are NaN), what happened to
-    each, and what the run really did: levels visited, denoiser calls."""
+    each, and what the run really did: levels visited, denoiser calls. ``pruned``: row -> the pruned particle's
+    x0hat (image, on the host) at its prune level; ``parents``: row -> id of the survivor a branched clone copied."""
 
     x: torch.Tensor
     ids: list[ParticleId]
@@ -117,10 +120,29 @@ class SampleResult:
     levels: list[float]
     network_evals: int
     particle_network_evals: int
+    pruned: dict[int, torch.Tensor] = field(default_factory=dict)
+    parents: dict[int, str] = field(default_factory=dict)
 
     @property
     def used_levels(self) -> int:
         return len(self.levels)
+
+
+@dataclass
+class Found:
+    """What the loop found about particles that is not per-particle state: the prune level, pruned particles' x0hat
+    (by row) and branched clones' parents (by row); kept in the checkpoint."""
+
+    pruned_at: int | None = None
+    pruned: dict[int, torch.Tensor] = field(default_factory=dict)
+    parents: dict[int, str] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pruned_at": self.pruned_at, "pruned": dict(self.pruned), "parents": dict(self.parents)}
+
+    @classmethod
+    def from_state(cls, saved: dict[str, Any]) -> "Found":
+        return cls(saved["pruned_at"], dict(saved["pruned"]), dict(saved["parents"]))
 
 
 class CountingDenoiser:
@@ -200,6 +222,9 @@ def resume(particles: Particles, saved: dict[str, Any], schedule: Schedule, net:
     if [list(i) for i in state.ids] != saved["ids"] or len(saved["status"]) != len(particles):
         raise ValueError("resume_from belongs to another batch of particles")
     state.x = saved["x"].to(particles.x.device, particles.x.dtype)
+    if isinstance(state.noise, ParticleNoise):  # branched clones run on streams of their own seeds
+        state.noise = state.noise.reseed({k: seed for k, (seed, old) in enumerate(zip(saved["noise"]["seeds"],
+                                                                                        state.noise.seeds)) if seed != old})
     state.noise.load_state_dict(saved["noise"])
     state.state = _to_device(saved["state"], particles.x.device)
     schedule.load_state_dict(saved["schedule"])
@@ -213,8 +238,10 @@ class DAPS:
 
     host_syncs_per_level = 1
 
-    def __init__(self, schedule: Schedule, ode: PFODE, kernel: Kernel, target: TargetSpec, latent: bool = False):
+    def __init__(self, schedule: Schedule, ode: PFODE, kernel: Kernel, target: TargetSpec, latent: bool = False,
+                 repulsion: Repulsion | None = None, pruning: Pruning | None = None):
         self.schedule, self.ode, self.kernel, self.target, self.latent = schedule, ode, kernel, target, bool(latent)
+        self.repulsion, self.pruning = repulsion or Repulsion(), pruning or Pruning()
 
     def check(self, denoiser: Denoiser, particles_per_measurement: int | None = None) -> None:
         """Refuse combinations that cannot run, before any compute (``particles_per_measurement``: num_samples,
@@ -237,7 +264,7 @@ class DAPS:
         """What the results header and timing.json say about the sampler (settings, not measurements)."""
         return {"latent": self.latent, "schedule": self.schedule.describe(), "ode_steps": self.ode.num_steps,
                 "ode_solver": self.ode.solver, "ode_sigma_min": self.ode.sigma_min, **self.kernel.describe(),
-                **self.target.describe(),
+                **self.target.describe(), "repulsion": self.repulsion.describe(), "pruning": self.pruning.describe(),
                 "couples": self.schedule.couples or "none (each particle is independent of its batch)"}
 
     def initial_state(self, noise: ParticleNoise | SharedNoise, shape: tuple[int, ...], device: torch.device
@@ -271,42 +298,65 @@ class DAPS:
         state, total = particles, len(particles)
         status, stopped_at = ["ok"] * total, [None] * total
         levels: list[float] = []
+        found = Found()
         sigma, step = self.schedule.start(), 0
+        sigma_max = sigma
+        sigma_off = self.repulsion.cutoff(denoiser) if self.repulsion.on else None
+        sigma_prune = denoiser.sigma_at_time(self.pruning.step) if self.pruning.on else None
         if resume_from is not None:
             state, sigma, step, status, stopped_at, levels = resume(particles, resume_from, self.schedule, net)
+            found = Found.from_state(resume_from["found"])
         bar = progress(self.schedule.planned_levels) if progress else None
         if bar is not None and step:
             bar.update(step)
-        emit({"event": "phase", "phase": "explore", "step": step})
+        emit({"event": "phase", "phase": "explore" if found.pruned_at is None else "refine", "step": step})
         while sigma is not None and len(state):
             if "class_label" in state.state:  # labels are per-particle state: they follow every select
                 denoiser.condition(state.state["class_label"])
             # 1. reverse diffusion to the level's prior mean
             x0hat = self.ode.solve(net.denoise, state.x, sigma)
-            # 2. MCMC on the level's conditional pi_k (data term + Gaussian around x0hat)
-            target = make_target(self.target, net, lambda x, yy=state.y: op.loss(x, yy), state.x, x0hat, sigma)
+            # 2. MCMC on the level's conditional pi_k (data term + Gaussian around x0hat), tilted by the repulsion
+            #    from the other particles of the measurement at the level's start while it is on (cores/repulsion.py)
+            loss = lambda x, yy=state.y: op.loss(x, yy)  # noqa: E731
+            gamma = self.repulsion.strength(sigma, sigma_max, sigma_off) if self.repulsion.on else 0.0
+            tilt = None
+            if gamma > 0:
+                tilt = Tilt(x0hat.detach(), state.group, self.repulsion.bandwidths(x0hat.detach(), state.group), gamma)
+            target = make_target(self.target, net, loss, state.x, x0hat, sigma, tilt=tilt,
+                                 loss_rows=lambda x, rows, yy=state.y: op.loss(x, yy[rows]))
             out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))
             # 3. the level's statistics, with those the schedule asks for: the one host synchronisation of the level
+            extra = {} if tilt is None else {"bandwidth": tilt.h,
+                                             "force_ratio": force_ratio(tilt, loss, target.data_weight, x0hat)}
             host = level_stats_to_host({"loss": out.loss, "acceptance": out.acceptance,
                                         "finite": torch.isfinite(out.x).flatten(1).all(1), "group": state.group,
+                                        **distance_stats(out.x, state.group), **extra,
                                         **self.schedule.level_stats(target, out.x, state.group)})
-            # 4. the next level (preset or K2); no noise after the last one
+            # 4. the next level (preset or K2)
             next_sigma = self.schedule.next(step, sigma, host)
-            state.x = out.x if next_sigma is None else out.x + next_sigma * state.noise.randn_like(out.x)
             levels.append(sigma)
             emit({"event": "level", "step": step, "sigma": sigma, "next_sigma": next_sigma or 0.0,
                   "ids": list(state.ids), "loss": host["loss"], "acceptance": host["acceptance"],
-                  "finite": host["finite"], "x0hat": x0hat, "x0y": out.x})
+                  "finite": host["finite"], "repulsion": repulsion_report(host, gamma), "x0hat": x0hat, "x0y": out.x})
             for event in self.schedule.events():
                 emit(event)
-            # 5. particles that produced NaN/Inf stop here
+            # 5. particles that produced NaN/Inf stop here; at the prune level the promising ones go on
+            state.x = out.x
+            alive = [i for i, ok in enumerate(host["finite"]) if ok]
             state = drop_nonfinite(state, host["finite"], step, sigma, status, stopped_at)
+            if sigma_prune is not None and found.pruned_at is None and sigma <= sigma_prune and len(state):
+                state = self.prune(state, [host["loss"][i] for i in alive], x0hat[index_tensor(alive, x0hat.device)],
+                                   denoiser, step, sigma, status, stopped_at, found, emit)
+            # 6. the next level's noise; none after the last level
+            if next_sigma is not None:
+                state.x = state.x + next_sigma * state.noise.randn_like(state.x)
             if bar is not None:
                 finite_loss = [v for v, ok in zip(host["loss"], host["finite"]) if ok]
                 bar.set_postfix(sigma=f"{sigma:.3g}", loss=f"{min(finite_loss) if finite_loss else math.nan:.3g}")
                 bar.update(1)
             if checkpoint is not None:
-                checkpoint(loop_state(state, step, next_sigma, status, stopped_at, levels, self.schedule, net))
+                checkpoint({**loop_state(state, step, next_sigma, status, stopped_at, levels, self.schedule, net),
+                            "found": found.state_dict()})
             sigma, step = next_sigma, step + 1
         if bar is not None:
             bar.close()
@@ -318,15 +368,58 @@ class DAPS:
             out_x[index_tensor(state.row, out_x.device)] = final.detach().to(out_x.dtype)
         if "class_label" in particles.state:
             denoiser.condition(None)
-        return SampleResult(out_x, list(particles.ids), status, stopped_at, levels, net.calls, net.particle_calls)
+        return SampleResult(out_x, list(particles.ids), status, stopped_at, levels, net.calls, net.particle_calls,
+                            found.pruned, found.parents)
+
+    def prune(self, state: Particles, losses: list[float], x0hat: torch.Tensor, denoiser: Denoiser, step: int,
+              sigma: float, status: list[str], stopped_at: list[int | None], found: "Found", emit: Callback
+              ) -> Particles:
+        """The pruning of cores/pruning.py at this level: per measurement keep by loss and distance (images: latents
+        decoded), the others end ``pruned`` with their x0hat kept; with ``branch`` clones of the survivors take the
+        dropped particles' slots with fresh streams. Emits ``prune`` and starts the ``refine`` phase."""
+        rule = self.pruning
+        with torch.no_grad():
+            images = denoiser.decode(state.x) if self.latent else state.x
+            dist = to_host((pairwise_sq(images, images) / images[0].numel()).sqrt())
+        by_group: dict[int, list[int]] = {}
+        for i, pid in enumerate(state.ids):
+            by_group.setdefault(pid.image, []).append(i)
+        kept_all, clones, record = [], [], []
+        for image, pos in by_group.items():
+            kept = [pos[k] for k in choose([losses[i] for i in pos], [[dist[i][j] for j in pos] for i in pos],
+                                           rule.keep, rule.close, rule.loss_tol, rule.fill)]
+            dropped = [i for i in pos if i not in kept]
+            kept_all += kept
+            if rule.branch and kept:
+                clones += [(kept[k % len(kept)], i) for k, i in enumerate(dropped)]
+            record.append({"image": image, "kept": [str(state.ids[i]) for i in kept],
+                           "dropped": [str(state.ids[i]) for i in dropped], "loss": {str(state.ids[i]): losses[i]
+                                                                                     for i in pos}})
+            with torch.no_grad():
+                pics = denoiser.decode(x0hat[index_tensor(dropped, x0hat.device)]) if dropped else None
+            for k, i in enumerate(dropped):
+                status[state.row[i]], stopped_at[state.row[i]] = "pruned", step
+                found.pruned[state.row[i]] = pics[k].detach().cpu()
+        new = state.select(kept_all + [parent for parent, _ in clones])
+        if clones:
+            slots = {len(kept_all) + k: slot for k, (_, slot) in enumerate(clones)}
+            for pos, slot in slots.items():
+                new.ids[pos], new.row[pos] = state.ids[slot], state.row[slot]
+                status[state.row[slot]], stopped_at[state.row[slot]] = "ok", None
+                found.parents[state.row[slot]] = str(state.ids[clones[pos - len(kept_all)][0]])
+            if isinstance(state.noise, ParticleNoise):
+                new.noise = new.noise.reseed({pos: branch_seed(state.noise.seeds[slot], 1) for pos, slot in slots.items()})
+        found.pruned_at = step
+        emit({"event": "prune", "step": step, "sigma": sigma, "measurements": record,
+              "branched": {str(state.ids[slot]): str(state.ids[parent]) for parent, slot in clones}})
+        emit({"event": "phase", "phase": "refine", "step": step + 1})
+        return new
 
 
 SAMPLER_KEYS = ("latent", "annealing_scheduler_config", "diffusion_scheduler_config", "k2_scheduler_config",
                 "repulsion", "pruning", "hard_dc")
-# feature sub-configs of the sampler group: (key whose non-default value switches it on, off value, feature)
-FEATURES = {"repulsion": ("scale", 0.0, "particle repulsion (Exp 1)"),
-            "pruning": ("step", -1, "particle pruning (Exp 2)"),
-            "hard_dc": ("step", -1, "hard data consistency (Exp 4)")}
+# feature sub-configs not built yet: (key whose non-default value switches it on, off value, feature)
+FEATURES = {"hard_dc": ("step", -1, "hard data consistency (Exp 4)")}
 
 
 def _check_features(cfg: dict) -> None:
@@ -351,4 +444,5 @@ def build_sampler(sampler_cfg: dict, mcmc_cfg: dict) -> DAPS:
     k2 = k2_settings(cfg.get("k2_scheduler_config"))
     if k2 is not None:  # K2-DAPS wraps the preset: warm-up levels, floor, level count
         schedule = K2Schedule(schedule, **k2)
-    return DAPS(schedule, PFODE(**ode_cfg), mcmc.kernel(), mcmc.target_spec(), latent=cfg.get("latent", False))
+    return DAPS(schedule, PFODE(**ode_cfg), mcmc.kernel(), mcmc.target_spec(), latent=cfg.get("latent", False),
+                repulsion=Repulsion.from_config(cfg.get("repulsion")), pruning=Pruning.from_config(cfg.get("pruning")))

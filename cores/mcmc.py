@@ -87,7 +87,9 @@ class Target:
 
     ``loss(x)`` is the per-particle ||A(x) - y||^2. For the exact solver, ``prior_score`` (and, for MH
     kernels, ``prior_log_prob``) of the model at sigma_min replace the Gaussian around prior_mean.
-    ``anchor`` is the level's x0hat, where da_hmc linearises L (eq. DA0); ``loss_rows(x_rows, rows)``, when given,
+    ``tilt`` (cores/repulsion.py ``Tilt``) adds the repulsion's -gamma U_i(x) to the prior part, so MH tests and
+    da_hmc's surrogate (which keeps the prior part exact) see it. ``anchor`` is the level's x0hat, where da_hmc
+    linearises L (eq. DA0); ``loss_rows(x_rows, rows)``, when given,
     is the loss of the particles ``rows`` (a long tensor of batch indices) at their states ``x_rows``, so that
     da_hmc evaluates only the proposals that passed its first test (:meth:`loss_of`).
     """
@@ -100,11 +102,14 @@ class Target:
     prior_log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None
     anchor: torch.Tensor | None = None
     loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    tilt: Any = None
 
     def _prior_grad(self, x: torch.Tensor) -> torch.Tensor:
         g = (self.prior_mean - x) / self.r**2
         if self.prior_score is not None:
             g = g + self.prior_score(x)
+        if self.tilt is not None:
+            g = g + self.tilt.grad(x)
         return g
 
     def loss_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +146,8 @@ class Target:
             if self.prior_log_prob is None:
                 raise ValueError("this kernel needs the prior's log-density, which the model does not provide")
             logp = logp + self.prior_log_prob(x)
+        if self.tilt is not None:
+            logp = logp + self.tilt.log_value(x)
         return logp
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,11 +459,12 @@ class TargetSpec:
 
 def make_target(cfg: MCMCConfig | TargetSpec, denoiser: Any, loss: Callable[[torch.Tensor], torch.Tensor], xt: torch.Tensor,
                 x0hat: torch.Tensor, sigma: float,
-                loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Target:
+                loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, tilt: Any = None
+                ) -> Target:
     """The level's target pi for the configured prior solver (r = sigma_t, as the official DAPS), anchored at x0hat
-    (da_hmc's linearisation point); ``loss_rows`` as in :class:`Target`."""
+    (da_hmc's linearisation point); ``loss_rows`` and ``tilt`` (the repulsion) as in :class:`Target`."""
     w, r = cfg.data_weight, sigma
-    extra = {"anchor": x0hat, "loss_rows": loss_rows}
+    extra = {"anchor": x0hat, "loss_rows": loss_rows, "tilt": tilt}
     if cfg.prior_solver == "gaussian":
         return Target(loss, w, r, x0hat, **extra)
     with torch.no_grad():

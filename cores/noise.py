@@ -18,10 +18,19 @@ import torch
 from utils.device import eager_device
 
 
+def _derived_seed(entropy: int, key: tuple[int, int]) -> int:
+    state = np.random.SeedSequence(entropy=entropy, spawn_key=key).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
 def particle_seed(seed: int, image_index: int, sample_index: int) -> int:
     """A 63-bit seed for one particle, derived from the run seed, its image and its sample number."""
-    state = np.random.SeedSequence(entropy=seed, spawn_key=(image_index, sample_index)).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return _derived_seed(seed, (image_index, sample_index))
+
+
+def branch_seed(parent_seed: int, generation: int) -> int:
+    """The seed of a clone's fresh stream, derived from the seed of the particle whose slot it takes."""
+    return _derived_seed(parent_seed, (2**32 - 2, generation))
 
 
 def measurement_seed(seed: int, image_index: int) -> int:
@@ -83,6 +92,15 @@ class ParticleNoise:
         new.generators = [self.generators[i] for i in keep]
         return new
 
+    def reseed(self, seeds: dict[int, int]) -> "ParticleNoise":
+        """These streams with the particles at the given positions on fresh generators of the given seeds (clones
+        of a particle must not repeat its draws)."""
+        new = self.select(range(len(self)))
+        for pos, seed in seeds.items():
+            new.seeds[pos] = seed
+            new.generators[pos] = torch.Generator(device=self.gen_device).manual_seed(seed)
+        return new
+
 
 class SharedNoise:
     """All particles drawn from one generator (not batch-invariant; for large statistical runs)."""
@@ -116,3 +134,7 @@ class SharedNoise:
         new = SharedNoise.__new__(SharedNoise)
         new.device, new.num_particles, new.generator = self.device, len(keep), self.generator
         return new
+
+    def reseed(self, seeds: dict[int, int]) -> "SharedNoise":
+        """One shared generator: clones draw new numbers anyway."""
+        return self

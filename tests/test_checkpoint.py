@@ -1,6 +1,7 @@
 """Per-level checkpoints of the DAPS loop: ``sample()`` split at any level through ``checkpoint`` /
 ``resume_from`` (saved and read back as a run saves it) equals one straight ``sample()`` bit for bit, with the preset
-schedule and with K2 (whose EMA is state), a stopped (NaN) particle included."""
+schedule, with K2 (whose EMA is state) and with repulsion, pruning and branched clones (new streams), a stopped (NaN)
+particle included."""
 import io
 
 import pytest
@@ -25,8 +26,11 @@ def gmm():
 
 
 def make(schedule: str):
+    """preset, k2, or branch: the preset with repulsion and a prune to 1 particle refilled by clones at level 4."""
+    particles = {"repulsion": {"scale": 2.0, "until_sigma": 1.0, "until_t": None},
+                 "pruning": {"step": 600, "keep": 1, "branch": True}} if schedule == "branch" else {}
     return build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
-                          "k2_scheduler_config": K2 if schedule == "k2" else None}, MCMC)
+                          "k2_scheduler_config": K2 if schedule == "k2" else None, **particles}, MCMC)
 
 
 def fresh(d, s, y):
@@ -50,7 +54,7 @@ def levels(events):
     return [{k: v for k, v in e.items() if k not in ("x0hat", "x0y")} for e in events if e["event"] == "level"]
 
 
-@pytest.mark.parametrize("schedule", ["preset", "k2"])
+@pytest.mark.parametrize("schedule", ["preset", "k2", "branch"])
 def test_sample_split_at_any_level_equals_a_straight_sample(gmm, schedule):
     d, y = gmm
     s = make(schedule)
@@ -60,6 +64,9 @@ def test_sample_split_at_any_level_equals_a_straight_sample(gmm, schedule):
     assert straight.status.count("nonfinite") == 1 and len(saved) == straight.used_levels
     if schedule == "k2":
         assert any(e.get("mode") == "cess" for e in events) and saved[-1]["schedule"]["ema"] is not None
+    pruned_at = saved[-1]["found"]["pruned_at"]
+    if schedule == "branch":
+        assert pruned_at is not None and straight.parents and straight.pruned
     for k in (0, 3, straight.used_levels - 2, straight.used_levels - 1):
         s2 = make(schedule)  # a new process: nothing of the first call is left but the checkpoint
         later = []
@@ -70,7 +77,9 @@ def test_sample_split_at_any_level_equals_a_straight_sample(gmm, schedule):
         assert (res.network_evals, res.particle_network_evals) == \
             (straight.network_evals, straight.particle_network_evals)
         assert levels(later) == levels(events)[k + 1:], k  # only the levels after k were computed again
-        assert later[0] == {"event": "phase", "phase": "explore", "step": k + 1}
+        phase = "refine" if pruned_at is not None and pruned_at <= k else "explore"
+        assert later[0] == {"event": "phase", "phase": phase, "step": k + 1}
+        assert res.parents == straight.parents and res.pruned.keys() == straight.pruned.keys()
 
 
 def test_a_checkpoint_of_other_particles_is_refused(gmm):

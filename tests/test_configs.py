@@ -26,8 +26,7 @@ OFFLINE_MODELS = {"fmnist32ddpm": "test-fmnist", "fmnist32ldm": "test-fmnist", "
 OFFICIAL_MODELS = ("ffhq256ddpm", "ffhq256ldm", "imagenet256ddpm", "imagenet256ldm")
 NATURAL_DATA = ("demo-natural", "test-ffhq", "test-imagenet")
 # experiments whose feature has not landed: the feature their error must name
-NOT_BUILT = {"exp1_repulsion": "repulsion", "exp2_pruning": "repulsion", "exp3_2particle": "repulsion",
-             "exp4_optimization": "repulsion", "exp5_final": "repulsion"}
+NOT_BUILT = {"exp4_optimization": "hard data consistency", "exp5_final": "hard data consistency"}
 FAST = ["sampler.annealing_scheduler_config.num_steps=4", "sampler.diffusion_scheduler_config.num_steps=2",
         "show_progress=false", "gpu=-1"]
 

@@ -1,0 +1,186 @@
+"""Particle repulsion (particle guidance; the plan's Phase 1, Exp 1): the particles of one measurement push each
+other apart early in the annealing, and the force decays to zero by a cut-off so the final phase is repulsion-free.
+
+**The tilted target.** At a level, every particle i of measurement g gets its own target
+
+    log pi_i(x) = log pi_k(x) - gamma(sigma) U_i(x),   U_i(x) = sum_{j != i, group(j) = g} exp(-||x - a_j||^2 / h_i),
+
+with a_j the other particles' states at the level's start (x0hat, before the MCMC), frozen for the level: each
+particle's update is conditioned on the others' state at the level's start. So pi_i is one fixed density for the
+whole level and an MH kernel's test sees it exactly (``Target.log_prob`` adds -gamma U_i); unadjusted kernels follow
+its gradient
+
+    grad log pi_i(x) = grad log pi_k(x) + (2 gamma / h_i) sum_j exp(-||x - a_j||^2 / h_i) (x - a_j),
+
+which points away from the others (the RBF kernel of particle guidance, Corso et al. 2023, and of SVGD's
+repulsive term, Liu & Wang 2016). Particles of other measurements never enter (the sum runs over one group).
+
+**Bandwidth** h_i: ``median``: median_j ||a_i - a_j||^2 / log(n - 1) over the n particles of the measurement (the
+median rule of SVGD with n - 1 neighbours; for n = 2, where log 1 = 0, log 2 is used); or a fixed number.
+
+**Strength** gamma(sigma) = ``scale`` w(s), s = log(sigma_max / sigma) / log(sigma_max / sigma_off) in [0, 1] the
+progress from the first level to the cut-off: w = 1 - s (``linear``), (1 + cos(pi s)) / 2 (``cosine``), 1
+(``constant``); w = 0 below the cut-off sigma_off (``until_sigma`` when set, else ``until_t``, a DDPM time on the
+1000-step scale converted with the model's own schedule, ``Denoiser.sigma_at_time``).
+
+**Logged per level** (the level event's ``repulsion``): per measurement the mean and min pairwise distance of the
+particles' results (RMS per coordinate), the median bandwidth, gamma, and ||force|| / ||data gradient|| (median over
+particles, at the level's start: the ratio the user tuned by).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from utils.config import check_keys
+
+DECAYS = ("linear", "cosine", "constant")
+
+
+def _same_group_pairs(group: torch.Tensor) -> torch.Tensor:
+    """(N, N) mask of pairs (i, j), i != j, of one measurement."""
+    eye = torch.eye(len(group), dtype=torch.bool, device=group.device)
+    return (group[:, None] == group[None, :]) & ~eye
+
+
+def pairwise_sq(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """||x_i - a_j||^2 for all i, j (flattened states), from the Gram matrix (no N x N x D tensor)."""
+    xf, af = x.flatten(1), a.flatten(1)
+    return (xf.pow(2).sum(1)[:, None] + af.pow(2).sum(1)[None, :] - 2 * xf @ af.T).clamp_min(0)
+
+
+def median_bandwidth(anchors: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """h_i = median_j ||a_i - a_j||^2 / log(n - 1) over the particle's measurement (log 2 for n = 2); NaN alone."""
+    pairs = _same_group_pairs(group)
+    d2 = pairwise_sq(anchors, anchors).masked_fill(~pairs, float("nan"))
+    n = pairs.sum(1) + 1
+    denom = torch.log((n - 1).clamp_min(2).to(anchors.dtype))
+    return d2.nanmedian(1).values / denom
+
+
+def repulsion_potential(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """U_i(x_i) = sum_{j != i, same measurement} exp(-||x_i - a_j||^2 / h_i) (module docstring)."""
+    k = torch.exp(-pairwise_sq(x, anchors) / h[:, None])
+    return (k * _same_group_pairs(group)).sum(1)
+
+
+def repulsion_grad(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """-grad U_i(x_i) = (2 / h_i) sum_j exp(-||x_i - a_j||^2 / h_i) (x_i - a_j): the repulsive direction per unit gamma."""
+    k = torch.exp(-pairwise_sq(x, anchors) / h[:, None]) * _same_group_pairs(group)
+    xf, af = x.flatten(1), anchors.flatten(1)
+    push = k.sum(1, keepdim=True) * xf - k @ af
+    return (2 / h[:, None] * push).view_as(x)
+
+
+@dataclass
+class Repulsion:
+    """``sampler.repulsion``: the force of the module docstring (``scale`` 0: off)."""
+
+    scale: float = 0.0
+    bandwidth: Any = "median"
+    decay: str = "linear"
+    until_sigma: float | None = None
+    until_t: float | None = 200.0
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> "Repulsion":
+        cfg = dict(cfg or {})
+        check_keys(cfg, [f.name for f in fields(cls)], "sampler.repulsion")
+        rule = cls(**cfg)
+        rule.validate()
+        return rule
+
+    def validate(self) -> None:
+        where = "sampler.repulsion"
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"{where}.scale (repulsion_scale) must be a number >= 0, got {self.scale!r}")
+        if self.bandwidth != "median" and not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0):
+            raise ValueError(f"{where}.bandwidth must be 'median' or a positive number, got {self.bandwidth!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"{where}.decay must be one of {list(DECAYS)}, got {self.decay!r}")
+        if self.until_sigma is None and self.until_t is None and self.on:
+            raise ValueError(f"{where}: give a cut-off, until_sigma (a noise level, used when set) or until_t (a DDPM "
+                             "time on the 1000-step scale): the final phase must be repulsion-free")
+        if self.until_t is not None and not 0 <= self.until_t <= 1000:
+            raise ValueError(f"{where}.until_t must be a DDPM time in [0, 1000], got {self.until_t}")
+        if self.until_sigma is not None and not self.until_sigma > 0:
+            raise ValueError(f"{where}.until_sigma must be > 0, got {self.until_sigma}")
+
+    @property
+    def on(self) -> bool:
+        return self.scale > 0
+
+    def cutoff(self, denoiser: Any) -> float:
+        """sigma_off: until_sigma, or the model's sigma at DDPM time until_t."""
+        return float(self.until_sigma) if self.until_sigma is not None else denoiser.sigma_at_time(self.until_t)
+
+    def strength(self, sigma: float, sigma_max: float, sigma_off: float) -> float:
+        """gamma(sigma): scale times the decay weight; 0 below the cut-off."""
+        if not self.on or sigma < sigma_off:
+            return 0.0
+        s = 0.0 if sigma_max <= sigma_off else min(1.0, math.log(sigma_max / sigma) / math.log(sigma_max / sigma_off))
+        w = {"linear": 1 - s, "cosine": 0.5 * (1 + math.cos(math.pi * s)), "constant": 1.0}[self.decay]
+        return self.scale * w
+
+    def bandwidths(self, anchors: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        if self.bandwidth == "median":
+            return median_bandwidth(anchors, group)
+        return torch.full((len(group),), float(self.bandwidth), dtype=anchors.dtype, device=anchors.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Tilt:
+    """-gamma U_i of one level, for ``cores.mcmc.Target``: its value (added to log pi) and gradient per particle."""
+
+    anchors: torch.Tensor
+    group: torch.Tensor
+    h: torch.Tensor
+    gamma: float
+
+    def log_value(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.gamma * repulsion_potential(x, self.anchors, self.group, self.h)
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * repulsion_grad(x, self.anchors, self.group, self.h)
+
+
+def distance_stats(x: torch.Tensor, group: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per particle: mean and min RMS distance (per coordinate) to the other particles of its measurement."""
+    pairs = _same_group_pairs(group)
+    d = (pairwise_sq(x, x) / x[0].numel()).sqrt()
+    mean = (d * pairs).sum(1) / pairs.sum(1).clamp_min(1)
+    mins = d.masked_fill(~pairs, float("inf")).min(1).values
+    return {"pair_dist_mean": mean, "pair_dist_min": mins}
+
+
+def force_ratio(tilt: Tilt, loss: Any, data_weight: float, x: torch.Tensor) -> torch.Tensor:
+    """||repulsive force|| / ||data gradient|| per particle at ``x`` (one more gradient of the data term)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(xg).sum(), xg)
+    data = (data_weight * g).flatten(1).norm(dim=1)
+    return tilt.grad(x).flatten(1).norm(dim=1) / data.clamp_min(torch.finfo(data.dtype).tiny)
+
+
+def _median(values: list | None) -> float | None:
+    finite = sorted(v for v in values or [] if math.isfinite(v))
+    return finite[len(finite) // 2] if finite else None
+
+
+def repulsion_report(host: dict[str, list | None], gamma: float) -> dict[str, Any]:
+    """The level event's ``repulsion`` from the level's host statistics: gamma, the median bandwidth and force ratio
+    (upper median over particles), and per measurement (by its index in the batch) the mean and min pairwise
+    distance of its particles."""
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(host["group"]):
+        by_group.setdefault(int(g), []).append(i)
+    per = {g: {"mean": sum(host["pair_dist_mean"][i] for i in rows) / len(rows),
+               "min": min(host["pair_dist_min"][i] for i in rows)} for g, rows in by_group.items() if len(rows) > 1}
+    return {"gamma": gamma, "bandwidth": _median(host.get("bandwidth")), "force_ratio": _median(host.get("force_ratio")),
+            "pair_dist": {str(g): v for g, v in per.items()}}
