@@ -37,7 +37,7 @@ from cores.models import Denoiser
 from cores.noise import ParticleNoise, SharedNoise, branch_seed
 from cores.operators import LatentOperator, Operator
 from cores.pruning import Pruning, choose
-from cores.repulsion import Repulsion, Tilt, distance_stats, force_ratio, pairwise_sq, repulsion_report
+from cores.repulsion import Repulsion, distance_stats, level_tilt, pairwise_sq, repulsion_report
 from cores.scheduler import PFODE, PresetSchedule, Schedule
 from utils.config import check_keys, signature_keys
 from utils.device import allow_sync, index_tensor, to_host
@@ -319,15 +319,14 @@ class DAPS:
             #    from the other particles of the measurement at the level's start while it is on (cores/repulsion.py)
             loss = lambda x, yy=state.y: op.loss(x, yy)  # noqa: E731
             gamma = self.repulsion.strength(sigma, sigma_max, sigma_off) if self.repulsion.on else 0.0
-            tilt = None
+            tilt = ratio = None
             if gamma > 0:
-                tilt = Tilt(x0hat.detach(), state.group, self.repulsion.bandwidths(x0hat.detach(), state.group), gamma)
+                tilt, ratio = level_tilt(self.repulsion, gamma, x0hat.detach(), state.group, loss, self.target.data_weight)
             target = make_target(self.target, net, loss, state.x, x0hat, sigma, tilt=tilt,
                                  loss_rows=lambda x, rows, yy=state.y: op.loss(x, yy[rows]))
             out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))
             # 3. the level's statistics, with those the schedule asks for: the one host synchronisation of the level
-            extra = {} if tilt is None else {"bandwidth": tilt.h,
-                                             "force_ratio": force_ratio(tilt, loss, target.data_weight, x0hat)}
+            extra = {} if tilt is None else {"bandwidth": tilt.h, "gamma": tilt.gamma, "force_ratio": ratio}
             host = level_stats_to_host({"loss": out.loss, "acceptance": out.acceptance,
                                         "finite": torch.isfinite(out.x).flatten(1).all(1), "group": state.group,
                                         **distance_stats(out.x, state.group), **extra,

@@ -18,7 +18,10 @@ repulsive term, Liu & Wang 2016). Particles of other measurements never enter (t
 **Bandwidth** h_i: ``median``: median_j ||a_i - a_j||^2 / log(n - 1) over the n particles of the measurement (the
 median rule of SVGD with n - 1 neighbours; for n = 2, where log 1 = 0, log 2 is used); or a fixed number.
 
-**Strength** gamma(sigma) = ``scale`` w(s), s = log(sigma_max / sigma) / log(sigma_max / sigma_off) in [0, 1] the
+**Strength** gamma(sigma) = ``scale`` w(s) (``units: absolute``) or, by default (``units: ratio``), per particle
+gamma_i = ``scale`` w(s) ||data gradient_i|| / ||grad U_i|| at the level's start, so that ``scale`` is the ratio
+||force|| / ||data gradient|| the user tunes by (the absolute scale that makes a force felt depends on the state's
+dimension and the likelihood's weight: on the 32x32 prior an absolute 10 gives a ratio of about 1e-5); s = log(sigma_max / sigma) / log(sigma_max / sigma_off) in [0, 1] the
 progress from the first level to the cut-off: w = 1 - s (``linear``), (1 + cos(pi s)) / 2 (``cosine``), 1
 (``constant``); w = 0 below the cut-off sigma_off (``until_sigma`` when set, else ``until_t``, a DDPM time on the
 1000-step scale converted with the model's own schedule, ``Denoiser.sigma_at_time``).
@@ -38,6 +41,7 @@ import torch
 from utils.config import check_keys
 
 DECAYS = ("linear", "cosine", "constant")
+UNITS = ("ratio", "absolute")
 
 
 def _same_group_pairs(group: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,7 @@ class Repulsion:
     """``sampler.repulsion``: the force of the module docstring (``scale`` 0: off)."""
 
     scale: float = 0.0
+    units: str = "ratio"
     bandwidth: Any = "median"
     decay: str = "linear"
     until_sigma: float | None = None
@@ -99,6 +104,8 @@ class Repulsion:
             raise ValueError(f"{where}.scale (repulsion_scale) must be a number >= 0, got {self.scale!r}")
         if self.bandwidth != "median" and not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0):
             raise ValueError(f"{where}.bandwidth must be 'median' or a positive number, got {self.bandwidth!r}")
+        if self.units not in UNITS:
+            raise ValueError(f"{where}.units must be one of {list(UNITS)}, got {self.units!r}")
         if self.decay not in DECAYS:
             raise ValueError(f"{where}.decay must be one of {list(DECAYS)}, got {self.decay!r}")
         if self.until_sigma is None and self.until_t is None and self.on:
@@ -136,18 +143,42 @@ class Repulsion:
 
 @dataclass
 class Tilt:
-    """-gamma U_i of one level, for ``cores.mcmc.Target``: its value (added to log pi) and gradient per particle."""
+    """-gamma_i U_i of one level, for ``cores.mcmc.Target``: its value (added to log pi) and gradient per particle
+    (``gamma``: a number, or one per particle)."""
 
     anchors: torch.Tensor
     group: torch.Tensor
     h: torch.Tensor
-    gamma: float
+    gamma: float | torch.Tensor
+
+    def _gamma(self, like: torch.Tensor) -> float | torch.Tensor:
+        g = self.gamma
+        return g.view(-1, *([1] * (like.dim() - 1))) if isinstance(g, torch.Tensor) else g
 
     def log_value(self, x: torch.Tensor) -> torch.Tensor:
         return -self.gamma * repulsion_potential(x, self.anchors, self.group, self.h)
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gamma * repulsion_grad(x, self.anchors, self.group, self.h)
+        return self._gamma(x) * repulsion_grad(x, self.anchors, self.group, self.h)
+
+
+def level_tilt(rule: "Repulsion", strength: float, anchors: torch.Tensor, group: torch.Tensor, loss: Any,
+               data_weight: float) -> tuple[Tilt, torch.Tensor]:
+    """The level's tilt and each particle's ||force|| / ||data gradient|| at the anchors (one more gradient of the
+    data term). ``units: ratio``: gamma_i = strength ||data gradient_i|| / ||grad U_i||, so that the ratio is the
+    decayed ``scale`` itself at the level's start (the knob the user tuned by); ``absolute``: gamma = strength."""
+    h = rule.bandwidths(anchors, group)
+    with torch.enable_grad():
+        xg = anchors.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(xg).sum(), xg)
+    data = (data_weight * g).flatten(1).norm(dim=1)
+    unit = repulsion_grad(anchors, anchors, group, h).flatten(1).norm(dim=1)
+    tiny = torch.finfo(data.dtype).tiny
+    if rule.units == "ratio":
+        gamma = torch.where(unit > 0, strength * data / unit.clamp_min(tiny), torch.zeros_like(unit))
+    else:
+        gamma = torch.full_like(unit, strength)
+    return Tilt(anchors, group, h, gamma), gamma * unit / data.clamp_min(tiny)
 
 
 def distance_stats(x: torch.Tensor, group: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -159,28 +190,19 @@ def distance_stats(x: torch.Tensor, group: torch.Tensor) -> dict[str, torch.Tens
     return {"pair_dist_mean": mean, "pair_dist_min": mins}
 
 
-def force_ratio(tilt: Tilt, loss: Any, data_weight: float, x: torch.Tensor) -> torch.Tensor:
-    """||repulsive force|| / ||data gradient|| per particle at ``x`` (one more gradient of the data term)."""
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss(xg).sum(), xg)
-    data = (data_weight * g).flatten(1).norm(dim=1)
-    return tilt.grad(x).flatten(1).norm(dim=1) / data.clamp_min(torch.finfo(data.dtype).tiny)
-
-
 def _median(values: list | None) -> float | None:
     finite = sorted(v for v in values or [] if math.isfinite(v))
     return finite[len(finite) // 2] if finite else None
 
 
-def repulsion_report(host: dict[str, list | None], gamma: float) -> dict[str, Any]:
-    """The level event's ``repulsion`` from the level's host statistics: gamma, the median bandwidth and force ratio
-    (upper median over particles), and per measurement (by its index in the batch) the mean and min pairwise
-    distance of its particles."""
+def repulsion_report(host: dict[str, list | None], strength: float) -> dict[str, Any]:
+    """The level event's ``repulsion`` from the level's host statistics: the decayed scale (``strength``), the median
+    gamma, bandwidth and force ratio (upper median over particles), and per measurement (by its index in the batch)
+    the mean and min pairwise distance of its particles."""
     by_group: dict[int, list[int]] = {}
     for i, g in enumerate(host["group"]):
         by_group.setdefault(int(g), []).append(i)
     per = {g: {"mean": sum(host["pair_dist_mean"][i] for i in rows) / len(rows),
                "min": min(host["pair_dist_min"][i] for i in rows)} for g, rows in by_group.items() if len(rows) > 1}
-    return {"gamma": gamma, "bandwidth": _median(host.get("bandwidth")), "force_ratio": _median(host.get("force_ratio")),
-            "pair_dist": {str(g): v for g, v in per.items()}}
+    return {"strength": strength, "gamma": _median(host.get("gamma")), "bandwidth": _median(host.get("bandwidth")),
+            "force_ratio": _median(host.get("force_ratio")), "pair_dist": {str(g): v for g, v in per.items()}}

@@ -98,12 +98,17 @@ def test_repulsion_logs_and_a_measurement_does_not_depend_on_its_batch(gmm):
     levels = [e for e in events if e["event"] == "level"]
     on = [e["repulsion"] for e in levels if e["sigma"] >= 1.0]
     off = [e["repulsion"] for e in levels if e["sigma"] < 1.0]
-    assert on and off and all(r["gamma"] > 0 and r["bandwidth"] > 0 and r["force_ratio"] > 0 for r in on)
-    assert all(r["gamma"] == 0 and r["force_ratio"] is None for r in off)
+    assert on and off and all(r["gamma"] > 0 and r["bandwidth"] > 0 for r in on)
+    assert all(r["force_ratio"] == pytest.approx(r["strength"], rel=1e-4) for r in on)  # units: ratio
+    assert all(r["strength"] == 0 and r["gamma"] is None and r["force_ratio"] is None for r in off)
     assert set(levels[0]["repulsion"]["pair_dist"]) == {"0", "1"}
     assert levels[0]["repulsion"]["pair_dist"]["0"]["min"] <= levels[0]["repulsion"]["pair_dist"]["0"]["mean"]
     free = run(d, make(), y, [0, 0, 0, 1, 1])
     assert not torch.equal(free.x, batch.x)  # the force acted
+    events = []
+    run(d, make({"scale": 5.0, "units": "absolute", "until_sigma": 1.0, "until_t": None}), y, [0, 0], events=events)
+    first = events[1]["repulsion"]
+    assert first["gamma"] == pytest.approx(5.0) and first["force_ratio"] != pytest.approx(5.0)
 
 
 def test_choose_keeps_the_best_a_far_good_one_and_drops_a_close_one():
