@@ -1,6 +1,7 @@
-"""Turn results/<name>/metrics.json (+ timing.json) of one or more runs into a table.
+"""Turn results/<name>/metrics.json (+ timing.json) of one or more runs into a table, or compare two runs fairly.
 
     python scripts/parse_metrics.py results/exp0_* [--csv out.csv] [--plot out.png] [--stale-after 10]
+    python scripts/parse_metrics.py --compare BASE NEW [--metrics psnr,ssim] [--force] [--format md] [--json out.json]
 
 A sweep folder (python posterior_sample.py -m ...: run<NNN>/ jobs, multirun.yaml) contributes one row per job,
 with the swept keys as columns (the keys of multirun.yaml's sweep overrides; without it, the config.yaml keys
@@ -13,6 +14,31 @@ Status is the run's own (complete, running, interrupted, failed), except that a 
 process has ended on this host (pid, host) or whose heartbeat (heartbeat_unix) is older than --stale-after
 minutes is shown as stale: it was killed without a chance to say so. A line under the table explains every
 run that is not complete. A folder that does not exist or is not a results folder is an error (exit 1).
+
+--compare BASE NEW: the fair A/B of the K2 experiment log (sections 0, 4, 12). NEW is a run or a sweep folder
+(each job against BASE, then a summary sorted by the log's selection rule: dPSNR high first, then used steps,
+then time, low first). Per image and metric the value of the tables: the mean over the image's particles
+(num_runs x num_samples), and best-of-n, shown as an oracle (picked with the ground truth) and never judged.
+Differences are NEW - BASE paired by image index over the images both runs finished, with a 95% percentile
+bootstrap interval over images (10,000 resamples of the images, numpy seed 0). An
+image whose metric is NaN in either run (all its particles stopped) is named and left out of that metric, never
+replaced. Cost: sampling seconds per image (timing.json's sampling_per_image_sec) and used annealing levels
+(used_anneal_steps), NEW / BASE; both are over each run's own images.
+
+The log's non-inferiority rule (section 0), judged on the point estimate (the mean paired difference of the
+mean-of-particles values), as the log does; the interval's bound is printed next to it: dPSNR >= -0.10 dB,
+dLPIPS <= +0.005, dSSIM >= -0.002, and (time x0.80 or less, or used steps x0.75 or less). A rule metric that
+a run did not measure is "not measured" and the verdict cannot pass; --metrics psnr restricts the table and the
+rule to PSNR (the log's eval_fn_list=[psnr] runs).
+
+The runs' config.yaml must agree outside the K2 settings (sampler.k2_scheduler_config.*): any other difference,
+the seed included (other seeds: other measurements and particles, nothing is paired), batch_size (K2's batch
+median couples a batch; the time per image depends on it) and num_runs / num_samples, is refused with the keys
+named, unless --force. Not compared (IGNORED_KEYS): name, save_dir (where the results go), overwrite, resume
+(how the folder is used), gpu, use_tpu (which device: the devices recorded in metrics.json are compared and a
+difference is noted, as it changes the time), show_progress, save_samples, save_traj (outputs only),
+eval_fn_list (what is scored after sampling: a metric one run lacks is "not measured"), data.start_id and
+data.end_id (the slice: seeds depend on the image index only, and images are compared on the intersection).
 """
 from __future__ import annotations
 
@@ -20,13 +46,16 @@ import argparse
 import csv
 import difflib
 import json
+import math
 import os
 import re
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 STALE_AFTER_MIN = 10.0
@@ -180,8 +209,7 @@ def table(paths: list[Path], stale_after_sec: float) -> tuple[list[dict[str, Any
     for path, runs in find_runs(paths):
         sweep = runs != [path]
         if sweep:
-            configs = [flatten(yaml.safe_load((r / "config.yaml").read_text()) if (r / "config.yaml").is_file()
-                               else {}) for r in runs]
+            configs = [run_config(r) for r in runs]
             keys = swept_keys(path, configs)
             swept += keys
         for i, r in enumerate(runs):
@@ -202,18 +230,373 @@ def fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+def render(header: list[str], rows: list[list[Any]], style: str) -> str:
+    """A table as markdown ("md") or as aligned plain text ("text"); cells through :func:`fmt`."""
+    cells = [header, *[[fmt(v) for v in r] for r in rows]]
+    if style == "md":
+        return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(header),
+                          *("| " + " | ".join(r) + " |" for r in cells[1:])])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+# --compare: the fair A/B of the K2 experiment log ------------------------------------------------------------------
+
+K2_KEY = "sampler.k2_scheduler_config"
+IGNORED_KEYS = ("name", "save_dir", "overwrite", "resume", "gpu", "use_tpu", "show_progress", "save_samples",
+                "save_traj", "eval_fn_list", "data.start_id", "data.end_id")
+# metric: (limit of NEW - BASE, higher is better, the clause as the log writes it)
+RULE = {"psnr": (-0.10, True, "dPSNR >= -0.10 dB"), "lpips": (0.005, False, "dLPIPS <= +0.005"),
+        "ssim": (-0.002, True, "dSSIM >= -0.002")}
+# cost: (timing.json key, label, the largest NEW / BASE ratio that passes)
+COST = {"time": ("sampling_per_image_sec", "sampling s/image", 0.80),
+        "steps": ("used_anneal_steps", "used annealing steps", 0.75)}
+COST_RULE = "time x0.80 or less, or used steps x0.75 or less"
+ROUNDING = 1e-9  # a difference on the limit (19.9 - 20.0 = -0.10000000000000142) meets it
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
+KINDS = {"mean": "mean of particles", "best": "best-of-n (oracle)"}
+SIDES = ("BASE", "NEW")
+
+
+class NotComparable(ValueError):
+    """Why a run cannot be compared: an error for BASE or a single NEW, a 'not compared' row for a sweep job."""
+
+
+def run_config(run: Path) -> dict[str, Any]:
+    """The run's config.yaml, flattened to dotted keys ({} without one)."""
+    path = run / "config.yaml"
+    return flatten(yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+@dataclass
+class Scored:
+    """What --compare reads of a run: its flat config, per-image statistics, timing.json and metrics.json."""
+
+    path: Path
+    config: dict[str, Any]
+    images: dict[int, dict[str, Any]]  # image index -> {metric: particle statistics (n, mean, best, ...)}
+    timing: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @classmethod
+    def read(cls, run: Path) -> Scored:
+        if not (run / "config.yaml").is_file():
+            raise NotComparable(f"{run}: no config.yaml, so its settings cannot be checked")
+        metrics = read_json(run / "metrics.json")
+        if not metrics.get("images"):
+            status, note = run_status(run)
+            raise NotComparable(f"{run}: no finished image (status {status}{': ' + note if note else ''})")
+        return cls(run, run_config(run), {img["index"]: img["summary"] for img in metrics["images"]},
+                   read_json(run / "timing.json"), metrics)
+
+    @property
+    def measured(self) -> list[str]:
+        return list(dict.fromkeys(m for summary in self.images.values() for m in summary))
+
+    def value(self, index: int, metric: str, kind: str) -> float:
+        """The image's mean over its particles (kind "mean") or best-of-n ("best"); NaN if no particle is scored."""
+        stats = self.images[index].get(metric, {"n": 0})
+        return float(stats[kind]) if stats["n"] else math.nan
+
+    def unmeasured_reason(self, metric: str) -> str:
+        return (self.metrics.get("eval") or {}).get(metric, {}).get("reason", "not in eval_fn_list")
+
+
+ABSENT = object()
+
+
+def differences(base: dict[str, Any], new: dict[str, Any]) -> dict[str, list[str]]:
+    """The keys (dotted, with both values) in which two flat configs differ: "k2" settings, "ignored" keys
+    (IGNORED_KEYS) and "other" keys (those that make the comparison unfair)."""
+    out: dict[str, list[str]] = {"k2": [], "ignored": [], "other": []}
+    for key in dict.fromkeys([*base, *new]):
+        a, b = base.get(key, ABSENT), new.get(key, ABSENT)
+        if a != b:
+            group = "k2" if under(key, K2_KEY) else "ignored" if any(under(key, k) for k in IGNORED_KEYS) else "other"
+            out[group].append(f"{key} (BASE {shown(a)}, NEW {shown(b)})")
+    return out
+
+
+def shown(value: Any) -> str:
+    return "absent" if value is ABSENT else json.dumps(value, default=str)
+
+
+def under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def bootstrap(d: np.ndarray) -> list[float]:
+    """95% percentile bootstrap interval of the mean of ``d``, resampling its entries (images) with replacement."""
+    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(d), size=(BOOTSTRAP_RESAMPLES, len(d)))
+    return [float(v) for v in np.percentile(d[picks].mean(axis=1), [2.5, 97.5])]
+
+
+def paired(base: Scored, new: Scored, metric: str, images: list[int]) -> dict[str, Any]:
+    """NEW - BASE of ``metric`` over ``images``, per kind (mean of particles, best-of-n), with its bootstrap interval;
+    images whose value is NaN in either run are listed under "excluded" and left out."""
+    nan = {i: [s for s, r in zip(SIDES, (base, new)) if math.isnan(r.value(i, metric, "mean"))] for i in images}
+    kept = [i for i in images if not nan[i]]
+    out: dict[str, Any] = {"images": len(kept),
+                           "excluded": [{"image": i, "nan_in": " and ".join(nan[i])} for i in images if nan[i]]}
+    if kept:
+        for kind in KINDS:
+            b, n = (np.array([r.value(i, metric, kind) for i in kept]) for r in (base, new))
+            out[kind] = {"base": float(b.mean()), "new": float(n.mean()), "diff": float((n - b).mean()),
+                         "ci": bootstrap(n - b)}
+    return out
+
+
+def meets(value: float, limit: float, higher: bool) -> bool:
+    return value >= limit - ROUNDING if higher else value <= limit + ROUNDING
+
+
+def compare(base: Scored, new: Scored, chosen: list[str] | None) -> dict[str, Any]:
+    """Paired differences, cost ratios, the rule's clauses and the verdict of NEW against BASE (JSON-ready).
+
+    ``chosen`` (--metrics) restricts the table and the rule to those metrics; by default the table holds every
+    metric either run measured and the rule all of RULE."""
+    images = sorted(base.images.keys() & new.images.keys())
+    if not images:
+        raise NotComparable(f"{new.path}: no finished image in common with BASE {base.path} "
+                            f"(BASE has {span(base.images)}, NEW has {span(new.images)})")
+    out: dict[str, Any] = {"base": str(base.path), "new": str(new.path),
+                           "images": {"common": len(images), "base_only": len(base.images.keys() - new.images.keys()),
+                                      "new_only": len(new.images.keys() - base.images.keys())},
+                           "metrics": {}, "cost": {}, "notes": []}
+    for metric in chosen or dict.fromkeys([*base.measured, *new.measured, *RULE]):
+        lacking = [f"{s} ({r.unmeasured_reason(metric)})" for s, r in zip(SIDES, (base, new))
+                   if metric not in r.measured]
+        out["metrics"][metric] = {"not_measured": ", ".join(lacking)} if lacking else \
+            paired(base, new, metric, images)
+    for name, (key, _, _) in COST.items():
+        b, n = base.timing.get(key), new.timing.get(key)
+        ratio = n / b if isinstance(b, (int, float)) and isinstance(n, (int, float)) and b > 0 else None
+        out["cost"][name] = {"base": b, "new": n, "ratio": ratio}
+    out["clauses"] = clauses(out, [m for m in (chosen or RULE) if m in RULE])
+    out["verdict"] = verdict(out["clauses"])
+    for side, r in zip(SIDES, (base, new)):
+        status, note = run_status(r.path)
+        if note:
+            out["notes"].append(f"{side} is {status}: {note}")
+    devices = [" ".join(str((r.metrics.get("device") or {}).get(k, "?")) for k in ("type", "name"))
+               for r in (base, new)]
+    if devices[0] != devices[1]:
+        out["notes"].append(f"BASE ran on {devices[0]}, NEW on {devices[1]}: the time ratio compares devices")
+    if out["images"]["base_only"] or out["images"]["new_only"]:
+        out["notes"].append("the runs finished other images too: the cost ratios are over each run's own images")
+    return out
+
+
+def span(images: Any) -> str:
+    return f"{len(images)} image(s), {min(images)}-{max(images)}" if images else "no image"
+
+
+def clauses(result: dict[str, Any], rule_metrics: list[str]) -> list[dict[str, Any]]:
+    """The rule's clauses: each with its point estimate and pass (None: not measured), and for the metrics the
+    interval's bound on the unfavourable side and whether the bound would pass too (shown, not judged)."""
+    out = []
+    for metric in rule_metrics:
+        limit, higher, text = RULE[metric]
+        entry = result["metrics"][metric]
+        if "mean" not in entry:
+            why = entry.get("not_measured") or "no image with a finite value in both runs"
+            out.append({"clause": metric, "rule": text, "pass": None, "note": f"not measured: {why}"})
+            continue
+        diff, bound = entry["mean"]["diff"], entry["mean"]["ci"][0 if higher else 1]
+        out.append({"clause": metric, "rule": text, "point": diff, "pass": meets(diff, limit, higher),
+                    "bound": bound, "pass_at_bound": meets(bound, limit, higher)})
+    ratios = {name: result["cost"][name]["ratio"] for name in COST}
+    passes = [r <= COST[name][2] + ROUNDING for name, r in ratios.items() if r is not None]
+    cost = {"clause": "cost", "rule": COST_RULE, "point": ratios,
+            "pass": True if any(passes) else False if len(passes) == len(ratios) else None}
+    if cost["pass"] is None:
+        cost["note"] = "not measured: " + ", ".join(name for name, r in ratios.items() if r is None)
+    return [*out, cost]
+
+
+def verdict(rule: list[dict[str, Any]]) -> str:
+    failed = [c["clause"] for c in rule if c["pass"] is False]
+    missing = [c["clause"] for c in rule if c["pass"] is None]
+    if failed:
+        return f"FAIL ({', '.join(failed)})" + (f"; not measured: {', '.join(missing)}" if missing else "")
+    if missing:
+        return f"NO VERDICT: not measured: {', '.join(missing)} (--metrics restricts the rule to what was measured)"
+    return "PASS"
+
+
+def compare_paths(base_path: Path, new_path: Path, chosen: list[str] | None, force: bool) -> dict[str, Any]:
+    """--compare: BASE (one run) against NEW (a run, or each job of a sweep); refuses (SystemExit) runs that differ
+    outside the K2 settings unless ``force``, and a BASE or single NEW that cannot be compared."""
+    (_, base_runs), (_, new_runs) = find_runs([base_path, new_path])
+    if base_runs != [base_path]:
+        raise SystemExit(f"{base_path}: a sweep folder; BASE is one run (e.g. {base_runs[0]})")
+    sweep = new_runs != [new_path]
+    try:
+        base = Scored.read(base_path)
+    except NotComparable as err:
+        raise SystemExit(str(err)) from None
+    configs = {r: run_config(r) for r in new_runs}
+    differ = {job_name(r): differences(base.config, configs[r]) for r in new_runs if (r / "config.yaml").is_file()}
+    unfair = [f"  {name}: " + "; ".join(d["other"]) for name, d in differ.items() if d["other"]]
+    if unfair and not force:
+        raise SystemExit(f"BASE {base_path} and NEW differ outside the K2 settings ({K2_KEY}.*), so the comparison "
+                         f"is not the log's fair A/B:\n" + "\n".join(unfair) +
+                         "\nrun them with the same settings, or pass --force to compare anyway")
+    keys = swept_keys(new_path, list(configs.values())) if sweep else []
+    comparisons = []
+    for run in new_runs:
+        entry: dict[str, Any] = {"job": job_name(run)}
+        if sweep:
+            entry["overrides"] = {k.removeprefix(K2_KEY + "."): configs[run].get(k) for k in keys}
+        try:
+            entry.update(compare(base, Scored.read(run), chosen), config=differ[entry["job"]])
+        except NotComparable as err:
+            if not sweep:
+                raise SystemExit(str(err)) from None
+            entry["error"] = str(err)
+        comparisons.append(entry)
+    return {"base": str(base_path), "new": str(new_path), "sweep": sweep,
+            "bootstrap": {"interval": "95% percentile, over images", "resamples": BOOTSTRAP_RESAMPLES,
+                          "seed": BOOTSTRAP_SEED},
+            "metrics": chosen, "comparisons": comparisons, "ranking": [c["job"] for c in ranked(comparisons)]}
+
+
+def ranked(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The log's selection rule (section 4): dPSNR high first, then used steps, then time, low first."""
+    def key(c: dict[str, Any]) -> tuple[float, float, float]:
+        psnr = c.get("metrics", {}).get("psnr", {}).get("mean")
+        ratios = [c["cost"][name]["ratio"] if "cost" in c else None for name in ("steps", "time")]
+        return (-psnr["diff"] if psnr else math.inf, *(math.inf if r is None else r for r in ratios))
+    return sorted(comparisons, key=key)
+
+
+def signed(v: float | None) -> str | None:
+    return None if v is None else f"{v:+.4f}"
+
+
+def ratio(v: float | None) -> str | None:
+    return None if v is None else f"{v:.3f}"
+
+
+def interval(ci: list[float]) -> str:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def heading(text: str, style: str) -> str:
+    return f"### {text}" if style == "md" else f"== {text} =="
+
+
+def paragraph(lines: list[str], style: str) -> str:
+    return "\n".join(f"- {line}" if style == "md" else line for line in lines)
+
+
+def show_comparison(c: dict[str, Any], style: str) -> str:
+    """One comparison: settings, images, the paired table, the cost table, the rule's clauses and the verdict."""
+    title = heading(f"{c['job']} vs BASE", style)
+    if "error" in c:
+        return f"{title}\n\nnot compared: {c['error']}"
+    config, images = c["config"], c["images"]
+    lines = [f"K2 settings: {'; '.join(config['k2']) or 'the same as BASE'}"]
+    lines += [f"not compared (ignored keys): {'; '.join(config['ignored'])}"] if config["ignored"] else []
+    lines += [f"FORCED: differs outside the K2 settings in {'; '.join(config['other'])}"] if config["other"] else []
+    lines.append(f"images: {images['common']} in common (BASE only {images['base_only']}, "
+                 f"NEW only {images['new_only']}); paired by image index")
+    for metric, entry in c["metrics"].items():
+        if entry.get("excluded"):
+            lines.append(f"{metric}: excluded (NaN, never replaced): " +
+                         ", ".join(f"image {e['image']} (NaN in {e['nan_in']})" for e in entry["excluded"]))
+        if "not_measured" in entry:
+            lines.append(f"{metric}: not measured in {entry['not_measured']}")
+    lines += c["notes"]
+    rows = [[metric, label, entry["images"], f"{entry[kind]['base']:.4f}", f"{entry[kind]['new']:.4f}",
+             signed(entry[kind]["diff"]), interval(entry[kind]["ci"])]
+            for metric, entry in c["metrics"].items() if "mean" in entry for kind, label in KINDS.items()]
+    paired_table = render(["metric", "per image", "images", "BASE", "NEW", "NEW - BASE", "95% CI"], rows, style)
+    cost_table = render(["cost", "BASE", "NEW", "NEW / BASE"],
+                        [[label, c["cost"][name]["base"], c["cost"][name]["new"], ratio(c["cost"][name]["ratio"])]
+                         for name, (_, label, _) in COST.items()], style)
+    rule_rows = []
+    for clause in c["clauses"]:
+        verdict_cell = "not measured" if clause["pass"] is None else "pass" if clause["pass"] else "FAIL"
+        if clause["clause"] == "cost":
+            point = ", ".join(f"{name} {ratio(r)}" for name, r in clause["point"].items())
+            rule_rows.append(["cost", clause["rule"], point, verdict_cell, None, None])
+        else:
+            rule_rows.append([clause["clause"], clause["rule"], signed(clause.get("point")), verdict_cell,
+                              signed(clause.get("bound")),
+                              None if "pass_at_bound" not in clause else "pass" if clause["pass_at_bound"] else "FAIL"])
+    rule_table = render(["clause", "rule", "point estimate", "result", "95% CI bound", "at the bound"], rule_rows,
+                        style)
+    return "\n\n".join([title, paragraph(lines, style), paired_table, cost_table, rule_table,
+                        f"verdict (judged on the point estimates, as the log does; the CI bounds are shown, not "
+                        f"judged): {c['verdict']}"])
+
+
+def show(result: dict[str, Any], style: str) -> str:
+    """Every comparison, then (for a sweep) the summary in the order of the log's selection rule."""
+    b = result["bootstrap"]
+    chosen = result["metrics"] or list(RULE)
+    rule = ", ".join(RULE[metric][2] for metric in RULE if metric in chosen)
+    skipped = [metric for metric in RULE if metric not in chosen]
+    head = [f"BASE {result['base']}, NEW {result['new']}{' (sweep)' if result['sweep'] else ''}",
+            f"differences NEW - BASE per image (mean of particles; best-of-n is an oracle: picked with the ground "
+            f"truth, never judged); 95% CI: percentile bootstrap over images, {b['resamples']} resamples, seed "
+            f"{b['seed']}",
+            f"rule (K2 log section 0): {rule}; and {COST_RULE} (sampling s/image and used annealing steps, NEW / BASE)"
+            + (f"; not judged (--metrics): {', '.join(skipped)}" if skipped else "")]
+    blocks = [paragraph(head, style), *(show_comparison(c, style) for c in result["comparisons"])]
+    if result["sweep"]:
+        order = ranked(result["comparisons"])
+        keys = list(order[0]["overrides"])
+        rows = []
+        for c in order:
+            psnr = c.get("metrics", {}).get("psnr", {}).get("mean")
+            cost = c.get("cost", {})
+            rows.append([c["job"], *(c["overrides"][k] for k in keys), c.get("images", {}).get("common"),
+                         f"{psnr['diff']:+.4f} {interval(psnr['ci'])}" if psnr else None,
+                         ratio(cost.get("time", {}).get("ratio")), ratio(cost.get("steps", {}).get("ratio")),
+                         c.get("verdict") or f"not compared: {c['error']}"])
+        blocks += [heading(f"summary: {len(order)} job(s) vs BASE, by dPSNR (high first), then used steps, then "
+                           f"time (low first)", style),
+                   render(["job", *keys, "images", "dPSNR [95% CI]", "time ratio", "step ratio", "verdict"], rows,
+                          style)]
+    return "\n\n".join(blocks)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="results folders (runs or sweeps)")
+    ap.add_argument("runs", nargs="*", type=Path, help="results folders (runs or sweeps)")
     ap.add_argument("--csv", type=Path)
     ap.add_argument("--plot", type=Path, help="bar chart of best-of-n and mean-of-n PSNR")
     ap.add_argument("--stale-after", type=float, default=STALE_AFTER_MIN, metavar="MIN",
                     help=f"a running run whose heartbeat is older is shown as stale (default {STALE_AFTER_MIN:g})")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("BASE", "NEW"),
+                    help="the K2 log's fair A/B: BASE (a run) against NEW (a run, or a sweep folder: each job)")
+    ap.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], metavar="M[,M...]",
+                    help="with --compare: only these metrics in the table and the rule, e.g. psnr")
+    ap.add_argument("--force", action="store_true",
+                    help="with --compare: compare runs that differ outside the K2 settings (the keys are listed)")
+    ap.add_argument("--format", choices=["text", "md"],
+                    help="aligned text or markdown tables (default: md for the table, text for --compare)")
+    ap.add_argument("--json", type=Path, metavar="OUT", help="with --compare: also write the comparison as JSON")
     args = ap.parse_args()
+    if args.compare:
+        if args.runs or args.csv or args.plot:
+            ap.error("--compare takes BASE and NEW only (no other folders, --csv or --plot)")
+        if args.metrics is not None and not set(args.metrics) & set(RULE):
+            ap.error(f"--metrics must name one of the rule's metrics ({', '.join(RULE)}), or nothing is judged")
+        result = compare_paths(*args.compare, args.metrics, args.force)
+        print(show(result, args.format or "text"))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        return
+    if not args.runs:
+        ap.error("give results folders, or --compare BASE NEW")
+    if args.metrics is not None or args.force or args.json:
+        ap.error("--metrics, --force and --json go with --compare")
     rows, cols, notes = table(args.runs, args.stale_after * 60)
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    print(render(cols, [[r.get(c) for c in cols] for r in rows], args.format or "md"))
     if notes:
         print("\n" + "\n".join(notes))
     if args.csv:
