@@ -242,16 +242,17 @@ class Run:
                                            resume_from=saved["sample"] if saved and run == saved["run"] else None)
                 self.results.add_sampling(res.used_levels, res.network_evals, res.particle_network_evals)
                 out = {"ids": [list(pid) for pid in res.ids], "x": res.x.cpu(), "status": res.status,
-                       "stopped_at": res.stopped_at}
+                       "stopped_at": res.stopped_at, "pruned": res.pruned, "parents": res.parents}
                 self.observer.save_trajectory()
             chunk["done"].append(out)
             for row, pid in enumerate(map(ParticleId._make, out["ids"])):
                 stopped = (out["status"][row], out["stopped_at"][row])
-                samples[pid.image][pid.sample] = (pid, out["x"][row].to(dev), stopped)
+                found = {"pruned_x0hat": out["pruned"].get(row), "parent": out["parents"].get(row)}
+                samples[pid.image][pid.sample] = (pid, out["x"][row].to(dev), stopped, found)
         for i, it in enumerate(items):
             done = [samples[it.index][k] for k in sorted(samples[it.index])]
-            self.results.finish_image(it, gt[i], y[i], torch.stack([x for _, x, _ in done]), [st for _, _, st in done],
-                                      [pid for pid, _, _ in done])
+            self.results.finish_image(it, gt[i], y[i], torch.stack([d[1] for d in done]), [d[2] for d in done],
+                                      [d[0] for d in done], [d[3] for d in done])
         self.checkpoint.clear()
 
     def continued(self, images: list[int]) -> dict | None:

@@ -182,9 +182,9 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
     sampler = _step("sampler", build_sampler, sampler_cfg, group["mcmc_sampler_config"])
     if cfg.num_samples is None:  # written back, so config.yaml and the results header show the number used
         cfg.num_samples = sampler.schedule.default_particles
-        log.info("num_samples=null: %d particle(s) per measurement (%s)", cfg.num_samples,
-                 "K2 measures a CESS among a measurement's particles; the K2 log's 4 runs as one batch"
-                 if cfg.num_samples > 1 else "the default without K2")
+        if cfg.num_samples > 1:
+            log.info("num_samples=null: %d particles per measurement (K2 measures a CESS among a measurement's "
+                     "particles; the K2 log's 4 runs as one batch)", cfg.num_samples)
     check_counts(cfg)
     dist = init_distributed(cfg.gpu, cfg.use_tpu)
     device = _step("device", get_device, cfg.gpu, cfg.use_tpu, dist)

@@ -59,7 +59,8 @@ class Recorder:
         """Record one finished image: {'index', 'name', 'particles': [{'sample', 'status', <metric>: value}]}."""
         record["summary"] = {m: particle_stats([p.get(m) for p in record["particles"]], HIGHER_IS_BETTER[m])
                              for m in self.metric_names}
-        record["nonfinite_particles"] = sum(p["status"] != "ok" for p in record["particles"])
+        record["nonfinite_particles"] = sum(p["status"] == "nonfinite" for p in record["particles"])
+        record["pruned_particles"] = sum(p["status"] == "pruned" for p in record["particles"])
         dump_json(record, self.root / "per_image" / f"{record['index']:05d}.json")
 
     def load(self) -> None:
@@ -168,9 +169,11 @@ class RunResults:
         self.particle_network_evals += particle_network_evals
 
     def finish_image(self, item: Any, gt: torch.Tensor, y: torch.Tensor, xs: torch.Tensor,
-                     status: list[tuple[str, int | None]], ids: list[Any]) -> None:
+                     status: list[tuple[str, int | None]], ids: list[Any], found: list[dict] | None = None) -> None:
         """Score the particles of one image (finite ones only), save its files and refresh metrics.json;
-        ``ids`` are the particles' ParticleIds, in the rows of ``xs``."""
+        ``ids`` are the particles' ParticleIds, in the rows of ``xs``; ``found`` (per particle): ``pruned_x0hat``,
+        the x0hat of a pruned particle at its prune level (saved as samples/<image>_particle<k>_pruned.png), and
+        ``parent``, the id of the survivor a branched clone copied."""
         parts = self.parts
         rows = [k for k, (st, _) in enumerate(status) if st == "ok"]
         scores: dict[str, list[float]] = {}
@@ -184,9 +187,14 @@ class RunResults:
             rec: dict[str, Any] = {"sample": ids[k].sample, "run": ids[k].run, "status": st, "stopped_at_level": at}
             for m in parts.metric_names():
                 rec[m] = scores[m][rows.index(k)] if st == "ok" else None
+            extra = (found or [{}] * len(status))[k]
+            if extra.get("parent") is not None:
+                rec["parent"] = extra["parent"]
             particles.append(rec)
             if st == "ok" and parts.cfg.save_samples:
                 save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
+            if extra.get("pruned_x0hat") is not None and parts.cfg.save_samples:
+                save_png(extra["pruned_x0hat"], self.root / "samples" / f"{item.index:05d}_particle{k:02d}_pruned.png")
         self.recorder.add_image({"index": item.index, "name": item.name, "particles": particles})
         self.images_done += 1
         self.finished_wall = time.perf_counter() - self.t0
