@@ -238,3 +238,67 @@ def twin_scores(tp: TwinProblem, x: torch.Tensor) -> dict[str, float]:
     err = [float((x[labels == k].mean(0) - tp.mode_means[k]).norm() / (PR_STD * math.sqrt(DIM)))
            if (labels == k).any() else math.inf for k in range(2)]
     return {"true": float(freq[0]), "twin": float(freq[1]), "mean_err_true": err[0], "mean_err_twin": err[1]}
+
+
+TWIN_STD = 0.5  # twin problem on a linear operator: component std of the prior
+
+
+@dataclass
+class TwinLinearProblem:
+    """Many measurements of one twin-mode linear problem (:func:`make_twin_linear_problem`): ``y`` holds one
+    measurement per row (image-shaped), ``exact`` each one's exact posterior (its components in the prior's order),
+    ``labels`` the prior component each ground truth was drawn from."""
+
+    prior: GaussianMixtureDenoiser
+    operator: DenseGaussian
+    matrix: torch.Tensor
+    y: torch.Tensor
+    labels: torch.Tensor
+    exact: list[FullMixture]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Exact posterior component weights, one row per measurement, shape (M, K)."""
+        return torch.stack([e.weights for e in self.exact])
+
+
+def make_twin_linear_problem(measurements: int, weights: tuple[float, ...] = (0.5, 0.5), separation: float = 4.0,
+                             seed: int = 0, num_measurements: int = 8) -> TwinLinearProblem:
+    """Twin components the measurement cannot tell apart (the linear analogue of phase retrieval's 180-degree twin).
+
+    A is an ``num_measurements`` x 16 Gaussian matrix (DenseGaussian, noise NOISE). The prior has 2 or 4 components
+    of std TWIN_STD: a base mean mu ~ N(0, I) plus offsets in the null space of A: mu -+ delta_1 / 2 (two twins),
+    or mu -+ delta_1 / 2 -+ delta_2 / 2 (four: the corners of a square), with delta_i orthogonal null-space
+    directions of length ``separation``. Since A delta_i = 0, every component predicts the same y, and the evidence
+    N(y; A mu_k, s^2 A A^T + NOISE^2 I) (cores/gmm.py) is the same for all: for any y the exact posterior weights
+    equal the prior ``weights``, and the components' posteriors are shifted copies of one Gaussian. Ground truths
+    are prior draws, y = A x + N(0, NOISE^2 I); ``exact`` is :func:`cores.gmm.linear_posterior` of each y.
+    """
+    k = len(weights)
+    if k not in (2, 4):
+        raise ValueError(f"twin problems have 2 or 4 components, got weights {weights}")
+    op = DenseGaussian(num_measurements=num_measurements, dim=DIM, sigma=NOISE, seed=seed)
+    matrix = linear_matrix(op, SHAPE)
+    null = torch.linalg.svd(matrix).Vh[num_measurements:]  # orthonormal basis of the null space of A
+    g = torch.Generator().manual_seed(seed + 41)
+    dirs = torch.linalg.qr((torch.randn(2, len(null), generator=g, dtype=torch.float64) @ null).T).Q.T
+    mu = torch.randn(DIM, generator=g, dtype=torch.float64)
+    signs = torch.tensor([[-1.0], [1.0]] if k == 2 else [[-1, -1], [1, -1], [-1, 1], [1, 1]], dtype=torch.float64)
+    means = mu + 0.5 * separation * signs @ dirs[:signs.shape[1]]
+    mix = IsotropicMixture(torch.tensor(weights, dtype=torch.float64), means,
+                           torch.full((k,), TWIN_STD, dtype=torch.float64))
+    x, labels = mix.sample(measurements, g)
+    y = x @ matrix.T + NOISE * torch.randn(measurements, num_measurements, generator=g, dtype=torch.float64)
+    exact = [linear_posterior(mix, matrix, row, NOISE) for row in y]
+    return TwinLinearProblem(GaussianMixtureDenoiser(mix, SHAPE), op, matrix, y.float(), labels, exact)
+
+
+def coverage_probability(weights: torch.Tensor, n: int, threshold: float = 0.05) -> float:
+    """P(n independent exact draws land in every component of weight >= ``threshold``), by inclusion-exclusion:
+    sum over subsets S of those components of (-1)^|S| (1 - w(S))^n."""
+    w = [float(v) for v in weights if v >= threshold]
+    total = 0.0
+    for mask in range(1 << len(w)):
+        s = sum(v for i, v in enumerate(w) if mask >> i & 1)
+        total += (-1) ** bin(mask).count("1") * max(0.0, 1.0 - s) ** n
+    return total
