@@ -125,15 +125,16 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["task_group=pixel_hmcc"], "task_group=pixel_hmcc is not defined"),
-    (["repulsion_scale=0.5"], "not implemented yet"),
-    (["pruning_step=200"], "not implemented yet"),
+    (["optimization_step=200"], "not implemented yet"),
+    (["repulsion_scale=-1"], "repulsion.scale (repulsion_scale) must be a number >= 0"),
+    (["pruning_step=2000"], "pruning.step (pruning_step) must be a DDPM time in [0, 1000] or -1"),
+    (["++sampler.repulsion.decay=exp"], "sampler.repulsion.decay must be one of"),
     (["num_samples=0"], "num_samples must be a positive integer"),
     (["task.pixel_hmc.operator.sigma=-0.1"], "sigma (the measurement noise std) must be a finite number >= 0"),
     (["+sampler.diffusion_scheduler_config.solver=rk5"], "unknown ODE solver"),
     (["task.pixel_hmc.mcmc_sampler_config.mc_algo=ula"], "unknown mc_algo"),
     (["++sampler.k2_scheduler_config.name=k2", "num_samples=1"], "K2-DAPS needs at least 2 particles of one measurement"),
-    (["+experiment=exp1_repulsion"], "sampler.repulsion.scale=10.0: particle repulsion (Exp 1) is not implemented yet"),
-    (["+experiment=exp2_pruning", "repulsion_scale=0"], "particle pruning (Exp 2) is not implemented yet"),
+    (["+experiment=exp4_optimization"], "sampler.hard_dc.step=200: hard data consistency (Exp 4) is not implemented yet"),
     # typos fail with the key named and its nearest valid neighbour (they used to run with the defaults)
     (["++num_sampels=4"], "unknown top-level key num_sampels (did you mean num_samples?)"),
     (["+num_sample=4"], "unknown top-level key num_sample (did you mean num_samples?)"),
