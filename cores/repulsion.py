@@ -65,15 +65,18 @@ def median_bandwidth(anchors: torch.Tensor, group: torch.Tensor) -> torch.Tensor
     return d2.nanmedian(1).values / denom
 
 
-def repulsion_potential(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """U_i(x_i) = sum_{j != i, same measurement} exp(-||x_i - a_j||^2 / h_i) (module docstring)."""
+def repulsion_potential(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor,
+                        pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """U_i(x_i) = sum_{j != i, same measurement} exp(-||x_i - a_j||^2 / h_i) (module docstring); ``pairs``: the
+    mask of :func:`_same_group_pairs` when already built."""
     k = torch.exp(-pairwise_sq(x, anchors) / h[:, None])
-    return (k * _same_group_pairs(group)).sum(1)
+    return (k * (_same_group_pairs(group) if pairs is None else pairs)).sum(1)
 
 
-def repulsion_grad(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def repulsion_grad(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor,
+                   pairs: torch.Tensor | None = None) -> torch.Tensor:
     """-grad U_i(x_i) = (2 / h_i) sum_j exp(-||x_i - a_j||^2 / h_i) (x_i - a_j): the repulsive direction per unit gamma."""
-    k = torch.exp(-pairwise_sq(x, anchors) / h[:, None]) * _same_group_pairs(group)
+    k = torch.exp(-pairwise_sq(x, anchors) / h[:, None]) * (_same_group_pairs(group) if pairs is None else pairs)
     xf, af = x.flatten(1), anchors.flatten(1)
     push = k.sum(1, keepdim=True) * xf - k @ af
     return (2 / h[:, None] * push).view_as(x)
@@ -151,15 +154,18 @@ class Tilt:
     h: torch.Tensor
     gamma: float | torch.Tensor
 
+    def __post_init__(self) -> None:
+        self.pairs = _same_group_pairs(self.group)  # built once per level, used at every MCMC step
+
     def _gamma(self, like: torch.Tensor) -> float | torch.Tensor:
         g = self.gamma
         return g.view(-1, *([1] * (like.dim() - 1))) if isinstance(g, torch.Tensor) else g
 
     def log_value(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.gamma * repulsion_potential(x, self.anchors, self.group, self.h)
+        return -self.gamma * repulsion_potential(x, self.anchors, self.group, self.h, self.pairs)
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
-        return self._gamma(x) * repulsion_grad(x, self.anchors, self.group, self.h)
+        return self._gamma(x) * repulsion_grad(x, self.anchors, self.group, self.h, self.pairs)
 
 
 def level_tilt(rule: "Repulsion", strength: float, anchors: torch.Tensor, group: torch.Tensor, loss: Any,
