@@ -33,6 +33,7 @@ class Operator(torch.nn.Module):
 
     name = "operator"
     linear = False
+    has_twin = False  # True: x rotated by 180 degrees is measured as x; such an operator has pad(size) (utils/twins.py)
 
     def __init__(self, sigma: float = 0.05):
         super().__init__()
@@ -94,8 +95,11 @@ class PhaseRetrieval(Operator):
     oversample 2). The magnitude is formed from real and imaginary parts (XLA has no autodiff for
     ``abs`` of a complex tensor); on XLA the DFT is matrix products (:mod:`cores.fourier`).
     ``resolution`` is accepted for config compatibility; the padding follows the size of the image
-    actually measured.
+    actually measured. The rotated image x[::-1, ::-1] (the twin) and the shifts that keep the image inside the
+    padded window give the same measurement: :mod:`utils.twins` scores particles against both modes.
     """
+
+    has_twin = True
 
     def __init__(self, oversample: float = 2.0, sigma: float = 0.05, resolution: int | None = None):
         super().__init__(sigma)

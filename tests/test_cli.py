@@ -71,10 +71,12 @@ def check_outputs(root: Path, images: int, particles: int, levels: int, latent: 
         for p in img["particles"]:
             assert p["status"] == "ok" and isinstance(p["psnr"], float) and isinstance(p["ssim"], float)
             assert isinstance(p["meas_err"], float)
+            assert p["mode"] in ("0", "180", "none") and p["psnr_twin_aware"] == max(p["psnr_0"], p["psnr_180"])
         for m in ("psnr", "ssim", "meas_err"):
             assert {"max", "mean", "std", "best", "n"} <= set(img["summary"][m])
         assert (root / "per_image" / f"{img['index']:05d}.json").is_file()
     assert "psnr" in metrics["aggregate"] and "best_of_n" in metrics["aggregate"]["psnr"]
+    assert "psnr_twin_aware" in metrics["aggregate"] and metrics["modes"]["images"] == images  # phase retrieval
     assert len(list((root / "samples").glob("*.png"))) == images * particles
     assert "| psnr |" in (root / "eval.md").read_text()
     return metrics

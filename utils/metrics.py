@@ -19,9 +19,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 log = logging.getLogger(__name__)
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "meas_err": False}
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "meas_err": False, "psnr_twin_aware": True}
 EVAL_FUNCTIONS = ("psnr", "ssim", "lpips")
 LPIPS_MIN_SIZE = 32
+PSNR_EPS = 1e-8  # piq.psnr adds it to the MSE: a perfect match scores 80 dB (utils/twins.py uses the same)
 
 
 def alexnet_weights_path() -> Path:
@@ -60,7 +61,8 @@ def load_lpips(device: torch.device) -> tuple[torch.nn.Module | None, str | None
     return model.eval().requires_grad_(False).to(device), None
 
 
-def _to01(x: torch.Tensor) -> torch.Tensor:
+def to01(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as scored, in [0, 1]: NaN -> 0.5, +-Inf -> 1 or 0, clamped."""
     return (torch.nan_to_num(x.float(), nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1, 1) + 1) / 2
 
 
@@ -98,7 +100,7 @@ class Evaluator:
         """Per-row metrics of x against gt (same shape, [-1, 1]); ``meas_err`` maps x to ||A x - y|| / ||y||."""
         import piq
 
-        a, b = _to01(x).to(self.device), _to01(gt).to(self.device)
+        a, b = to01(x).to(self.device), to01(gt).to(self.device)
         out: dict[str, list[float]] = {}
         if "psnr" in self.names:
             out["psnr"] = piq.psnr(a, b, data_range=1.0, reduction="none").tolist()

@@ -7,6 +7,10 @@ the statistics; the statistics say how many particles they cover. While the run 
 and timing.json say ``running`` with the process (``pid``, ``host``) and ``heartbeat_unix``, which
 timing.json refreshes at most every :data:`HEARTBEAT_SEC` seconds at the end of a level: a run killed
 without warning stays ``running`` with an old heartbeat or a dead process (scripts/parse_metrics.py: stale).
+
+For an operator with a twin (phase retrieval) each particle is also scored twin-aware (utils/twins.py: psnr_0,
+psnr_180, psnr_twin_aware, mode), each image gets ``gt_twin_psnr`` and ``modes`` (found, success, coverage, the
+lowest-loss pick), and metrics.json a run-level ``modes`` (docs/twins.md lists the fields).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from utils.data import load_image
 from utils.events import PhaseTimer, dump_json
 from utils.images import save_grid, save_png
 from utils.metrics import HIGHER_IS_BETTER
+from utils.twins import PARTICLE_FIELDS, TWIN_METRIC, gt_twin_psnr, image_modes, particle_scores, run_modes
 
 GRID_MAX_IMAGES = 16
 HEARTBEAT_SEC = 10.0
@@ -41,10 +46,13 @@ def particle_stats(values: list[float | None], higher_is_better: bool) -> dict[s
 
 
 class Recorder:
-    """Collects finished images and keeps the result files up to date."""
+    """Collects finished images and keeps the result files up to date. ``mode_threshold_db`` (operators with a twin
+    only; None otherwise): the particles carry twin-aware scores and the images and the run get mode summaries."""
 
-    def __init__(self, root: Path, header: dict[str, Any], metric_names: list[str]):
+    def __init__(self, root: Path, header: dict[str, Any], metric_names: list[str],
+                 mode_threshold_db: float | None = None):
         self.root, self.header, self.metric_names = root, header, metric_names
+        self.mode_threshold_db = mode_threshold_db
         self.images: list[dict[str, Any]] = []
         (root / "per_image").mkdir(parents=True, exist_ok=True)
 
@@ -61,6 +69,8 @@ class Recorder:
                              for m in self.metric_names}
         record["nonfinite_particles"] = sum(p["status"] == "nonfinite" for p in record["particles"])
         record["pruned_particles"] = sum(p["status"] == "pruned" for p in record["particles"])
+        if self.mode_threshold_db is not None:
+            record["modes"] = image_modes(record["particles"])
         dump_json(record, self.root / "per_image" / f"{record['index']:05d}.json")
 
     def load(self) -> None:
@@ -79,12 +89,20 @@ class Recorder:
                           "mean_std_over_particles": sum(p["std"] for p in per) / len(per)}
         return out
 
+    def modes(self) -> dict[str, Any] | None:
+        """The run's mode rates and non-oracle pick (utils/twins.run_modes); None without a twin."""
+        if self.mode_threshold_db is None:
+            return None
+        return run_modes(self.images, self.mode_threshold_db)
+
     def write(self, status: str, extra: dict[str, Any] | None = None) -> None:
         """metrics.json and eval.md for the images finished so far (by any process)."""
         self.load()
         metrics = {"status": status, **self.header, **(extra or {}), "num_images_done": len(self.images),
                    "nonfinite_particles": sum(img["nonfinite_particles"] for img in self.images),
                    "aggregate": self.aggregate(), "images": self.images}
+        if self.mode_threshold_db is not None:
+            metrics["modes"] = self.modes()
         dump_json(metrics, self.root / "metrics.json")
         (self.root / "eval.md").write_text(self.markdown(status))
 
@@ -109,10 +127,45 @@ class Recorder:
         for m, st in self.header.get("eval", {}).items():
             if not st.get("available", True):
                 lines.append(f"\n{m} unavailable: {st['reason']}")
+        modes = self.modes()
+        if modes is not None and modes["images"]:
+            lines += self.modes_markdown(modes, agg.get(TWIN_METRIC))
         nonfinite = sum(img["nonfinite_particles"] for img in self.images)
         if nonfinite:
             lines.append(f"\n{nonfinite} particle(s) stopped for NaN/Inf and excluded from the scores.")
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def modes_markdown(modes: dict[str, Any], oracle: dict[str, Any] | None) -> list[str]:
+        """The Exp 1-3 table: mode rates, the twin-aware oracle best-of-n next to the lowest-loss pick."""
+        def num(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        found = modes["particles"]
+        lines = ["", f"## Modes (0 / 180 degree twins: a particle found one when its PSNR against it, best over the "
+                     f"shifts that keep the measurement, is >= mode_threshold_db = {modes['threshold_db']} dB)", "",
+                 "| score | value | images |", "|---|---|---|",
+                 f"| success rate (0 or 180 found by a particle) | {num(modes['success_rate'])} | {modes['images']} |",
+                 f"| coverage rate (both found) | {num(modes['coverage_rate'])} | {modes['images']} |",
+                 f"| psnr_twin_aware best-of-n (oracle) | {num(oracle and oracle['best_of_n'])} | "
+                 f"{oracle['images'] if oracle else 0} |",
+                 f"| psnr_twin_aware of the lowest-meas_err pick (no oracle) | {num(modes['pick_psnr_twin_aware'])} | "
+                 f"{modes['scored_images']} |",
+                 f"| pick found 0 or 180 (no oracle) | {num(modes['pick_success_rate'])} | {modes['images']} |",
+                 f"| particles in mode 0 / 180 / none | {found['0']} / {found['180']} / {found['none']} | "
+                 f"{modes['images']} |"]
+        if modes["twin_ambiguous_images"]:
+            lines.append(f"\n{modes['twin_ambiguous_images']} image(s) are within the threshold of their own twin "
+                         f"(gt_twin_psnr): there 0 and 180 are not told apart.")
+        return lines
+
+
+def mode_threshold(cfg: Any) -> float:
+    """The run's ``mode_threshold_db`` (configs/default.yaml), checked: a finite number of dB."""
+    value = cfg.mode_threshold_db
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"mode_threshold_db must be a finite number (a PSNR in dB), got {value!r}")
+    return float(value)
 
 
 def process() -> dict[str, Any]:
@@ -152,7 +205,10 @@ class RunResults:
     def __init__(self, parts: Any, timer: PhaseTimer, resumed: bool = False):
         self.parts, self.timer = parts, timer
         self.root = parts.root
-        self.recorder = Recorder(self.root, parts.header(), parts.metric_names())
+        twin = parts.operator.has_twin
+        self.fields = parts.metric_names() + (list(PARTICLE_FIELDS) if twin else [])
+        self.recorder = Recorder(self.root, parts.header(), parts.metric_names() + ([TWIN_METRIC] if twin else []),
+                                 mode_threshold(parts.cfg) if twin else None)
         timing = self.root / "timing.json"
         self.previous = json.loads(timing.read_text()) if resumed and timing.is_file() else {}
         self.done_before = len(self.recorder.finished()) if resumed else 0
@@ -182,10 +238,13 @@ class RunResults:
             with torch.no_grad():
                 scores = parts.evaluator(gt.expand(len(rows), *gt.shape), xs[rows],
                                          lambda x: parts.operator.loss(x, y.expand(len(x), *y.shape)).sqrt() / y_norm)
+            if self.recorder.mode_threshold_db is not None:
+                scores.update(particle_scores(gt, xs[rows], parts.operator.pad(gt.shape[-1]),
+                                              self.recorder.mode_threshold_db))
         particles = []
         for k, (st, at) in enumerate(status):
             rec: dict[str, Any] = {"sample": ids[k].sample, "run": ids[k].run, "status": st, "stopped_at_level": at}
-            for m in parts.metric_names():
+            for m in self.fields:
                 rec[m] = scores[m][rows.index(k)] if st == "ok" else None
             extra = (found or [{}] * len(status))[k]
             if extra.get("parent") is not None:
@@ -195,7 +254,10 @@ class RunResults:
                 save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
             if extra.get("pruned_x0hat") is not None and parts.cfg.save_samples:
                 save_png(extra["pruned_x0hat"], self.root / "samples" / f"{item.index:05d}_particle{k:02d}_pruned.png")
-        self.recorder.add_image({"index": item.index, "name": item.name, "particles": particles})
+        record = {"index": item.index, "name": item.name, "particles": particles}
+        if self.recorder.mode_threshold_db is not None:
+            record["gt_twin_psnr"] = gt_twin_psnr(gt, parts.operator.pad(gt.shape[-1]))
+        self.recorder.add_image(record)
         self.images_done += 1
         self.finished_wall = time.perf_counter() - self.t0
         self.finished_sampling = sum(p["wall_sec"] for p in self.timer.summary().values())
