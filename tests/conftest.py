@@ -73,3 +73,23 @@ def latent_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory) -> Path:
     return save_images(tmp_path_factory.mktemp("images"), 3, 16)
+
+
+@pytest.fixture(scope="session")
+def gmm():
+    """An 8x8 two-component Gaussian-mixture prior and phase-retrieval measurements of two of its draws."""
+    from cores.models import build_model
+    from cores.operators import PhaseRetrieval
+
+    d = build_model({"name": "gmm", "shape": [1, 8, 8], "num_components": 2})
+    x = d.sample(2, torch.Generator().manual_seed(0))[0]
+    return d, PhaseRetrieval()(x)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the module (tiny exact problems: a second thread only adds overhead)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

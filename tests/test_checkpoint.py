@@ -7,7 +7,6 @@ import io
 import pytest
 import torch
 
-from cores.models import build_model
 from cores.noise import ParticleNoise, particle_seed
 from cores.operators import PhaseRetrieval
 from sampler import ParticleId, build_sampler, start_particles
@@ -16,13 +15,6 @@ ANNEAL = {"name": "edm", "num_steps": 8, "sigma_max": 10.0, "sigma_min": 0.1}
 ODE = {"name": "edm", "num_steps": 2, "sigma_min": 0.01}
 MCMC = {"num_steps": 3, "lr": 1e-4, "tau": 0.05, "lr_min_ratio": 0.1, "mc_algo": "hmc", "momentum": 0.5}
 K2 = {"name": "k2", "target_cess": 0.9, "max_step_factor": 10.0, "ema_alpha": 0.5, "warm_steps": 2, "min_sigma": 0.001}
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    d = build_model({"name": "gmm", "shape": [1, 8, 8], "num_components": 2})
-    x = d.sample(2, torch.Generator().manual_seed(0))[0]
-    return d, PhaseRetrieval()(x)
 
 
 def make(schedule: str):

@@ -31,13 +31,6 @@ def make(k2, anneal=ANNEAL, **mcmc) -> DAPS:
                           "k2_scheduler_config": k2}, {**MCMC, **mcmc})
 
 
-@pytest.fixture(scope="module")
-def gmm():
-    d = build_model({"name": "gmm", "shape": [1, 8, 8], "num_components": 2})
-    x = d.sample(2, torch.Generator().manual_seed(0))[0]
-    return d, PhaseRetrieval()(x)
-
-
 def run(d, s, y, groups, seeds=None, events=None):
     """Particles of measurements ``groups`` (one entry per particle: its row of y), particle k seeded with seeds[k]."""
     seeds = seeds or list(range(len(groups)))

@@ -7,19 +7,13 @@ evaluations: each level costs the same), every K2 level has one decision, and al
 import math
 
 import pytest
-import torch
 
 import scripts.k2_exact_table as K
 
 
 @pytest.fixture(scope="module")
-def quick():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # d = 16: a second thread only adds overhead
-    try:
-        yield K.main(["--quick"])
-    finally:
-        torch.set_num_threads(threads)
+def quick(one_thread):
+    return K.main(["--quick"])
 
 
 def by_schedule(rows, schedule, measurements):

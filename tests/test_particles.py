@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from cores.models import build_model
 from cores.noise import ParticleNoise
 from cores.operators import PhaseRetrieval
 from cores.pruning import Pruning, choose
@@ -24,13 +23,6 @@ MCMC = {"num_steps": 4, "lr": 1e-3, "tau": 0.05, "lr_min_ratio": 1.0, "mc_algo":
 def make(repulsion=None, pruning=None, **mcmc):
     return build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
                           "repulsion": repulsion, "pruning": pruning}, {**MCMC, **mcmc})
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    d = build_model({"name": "gmm", "shape": [1, 8, 8], "num_components": 2})
-    x = d.sample(2, torch.Generator().manual_seed(0))[0]
-    return d, PhaseRetrieval()(x)
 
 
 def run(d, s, y, groups, seeds=None, events=None):

@@ -16,13 +16,8 @@ from cores.exact import coverage_probability, make_twin_linear_problem
 
 
 @pytest.fixture(scope="module")
-def quick():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # d = 16: a second thread only adds overhead
-    try:
-        yield T.main(["--quick"])
-    finally:
-        torch.set_num_threads(threads)
+def quick(one_thread):
+    return T.main(["--quick"])
 
 
 def test_every_row_is_present_for_every_seed(quick):

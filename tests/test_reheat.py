@@ -16,7 +16,7 @@ from cores.reheat import Reheat
 from cores.scheduler import PresetSchedule
 from cores.stein import imq_ksd_rows
 from tests.test_cli import ROOT, cli
-from tests.test_k2 import ANNEAL, FAST, gmm, make, run, stats, walk  # noqa: F401 (gmm: fixture)
+from tests.test_k2 import ANNEAL, FAST, make, run, walk
 
 
 def u_autograd(x, y, sx, sy, c=1.0, beta=-0.5):
