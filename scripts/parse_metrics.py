@@ -2,6 +2,16 @@
 
     python scripts/parse_metrics.py results/exp0_* [--csv out.csv] [--plot out.png] [--stale-after 10]
     python scripts/parse_metrics.py --compare BASE NEW [--metrics psnr,ssim] [--force] [--format md] [--json out.json]
+    python scripts/parse_metrics.py --modes results/exp1_* results/exp2_* [--csv out.csv]
+
+--modes: the plan's Exp 1-3 table instead (phase retrieval's twin-aware fields, utils/twins.py), one row per run:
+psnr_twin_aware best-of-n ("oracle": picked with the ground truth), mean (over images of the per-image mean of the
+particles) with its 95% percentile bootstrap interval over images (10,000 resamples, numpy seed 0) and std over
+images of those per-image means, success and coverage rates (success with a 95% Wilson score interval over
+images), the non-oracle pick (lowest meas_err particle: modes.pick_psnr_twin_aware and pick_success_rate), the
+mean pairwise distance of the final level (events.jsonl: per run and measurement the last level event's
+repulsion.pair_dist mean, then the mean over those), and wall seconds and peak memory (GB) per phase
+(metrics.json timing.phases, peak_memory). A run without twin fields (not phase retrieval) shows "n/a" there.
 
 A sweep folder (python posterior_sample.py -m ...: run<NNN>/ jobs, multirun.yaml) contributes one row per job,
 with the swept keys as columns (the keys of multirun.yaml's sweep overrides; without it, the config.yaml keys
@@ -222,6 +232,91 @@ def table(paths: list[Path], stale_after_sec: float) -> tuple[list[dict[str, Any
                 notes.append(f"{name}: {out['status']}: {note}")
     cols = list(dict.fromkeys(["run", *swept, *(k for r in rows for k in r)]))
     return rows, cols, notes
+
+
+# --modes: the Exp 1-3 table --------------------------------------------------------------------------------------
+
+NA = "n/a"
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a rate (None without images)."""
+    if not n:
+        return None
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def bootstrap_mean(values: list[float]) -> tuple[float, float] | None:
+    """95% percentile bootstrap interval of the mean over images (BOOTSTRAP_RESAMPLES, numpy seed BOOTSTRAP_SEED)."""
+    if not values:
+        return None
+    v = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(v), size=(BOOTSTRAP_RESAMPLES, len(v)))
+    means = v[idx].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def final_pair_dist(run: Path) -> float | None:
+    """Mean over measurements (run, image) of the last level event's repulsion.pair_dist mean (events*.jsonl)."""
+    last: dict[tuple[Any, Any], float] = {}
+    for path in sorted(run.glob("events*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            dist = (e.get("repulsion") or {}).get("pair_dist") if e.get("event") == "level" else None
+            for g, d in (dist or {}).items():
+                images = e.get("images") or []
+                image = images[int(g)] if int(g) < len(images) else g
+                if isinstance(d, dict) and isinstance(d.get("mean"), (int, float)):
+                    last[(e.get("run"), image)] = d["mean"]
+    return sum(last.values()) / len(last) if last else None
+
+
+def interval_text(ci: tuple[float, float] | None) -> str | None:
+    return None if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def modes_row(run: Path, name: str) -> dict[str, Any]:
+    """The Exp 1-3 row of a run (see --modes in the module docstring)."""
+    metrics = read_json(run / "metrics.json")
+    out: dict[str, Any] = {"run": name, "status": metrics.get("status", "unknown"),
+                           "images": metrics.get("num_images_done")}
+    modes = metrics.get("modes")
+    twin = [img for img in metrics.get("images") or [] if "modes" in img]
+    if not modes or not twin:
+        out.update({k: NA for k in ("psnr_twin_aware_best (oracle)", "psnr_twin_aware_mean", "mean 95% CI (bootstrap)",
+                                    "std over images", "success_rate", "success 95% CI (Wilson)", "coverage_rate",
+                                    "pick_psnr_twin_aware (no oracle)", "pick_success_rate (no oracle)")})
+    else:
+        per_image = [img["summary"]["psnr_twin_aware"]["mean"] for img in twin
+                     if (img.get("summary") or {}).get("psnr_twin_aware", {}).get("n")]
+        n = modes["images"]
+        out["psnr_twin_aware_best (oracle)"] = ((metrics.get("aggregate") or {}).get("psnr_twin_aware") or {}).get(
+            "best_of_n")
+        out["psnr_twin_aware_mean"] = float(np.mean(per_image)) if per_image else None
+        out["mean 95% CI (bootstrap)"] = interval_text(bootstrap_mean(per_image))
+        out["std over images"] = float(np.std(per_image)) if per_image else None
+        out["success_rate"] = modes["success_rate"]
+        out["success 95% CI (Wilson)"] = interval_text(wilson(sum(bool(img["modes"]["success"]) for img in twin), n))
+        out["coverage_rate"] = modes["coverage_rate"]
+        out["pick_psnr_twin_aware (no oracle)"] = modes["pick_psnr_twin_aware"]
+        out["pick_success_rate (no oracle)"] = modes["pick_success_rate"]
+    out["pair_dist (final level)"] = final_pair_dist(run)
+    for phase, rec in ((metrics.get("timing") or {}).get("phases") or {}).items():
+        out[f"{phase}_sec"] = rec.get("wall_sec") if isinstance(rec, dict) else None
+    for phase, peak in (metrics.get("peak_memory") or {}).items():
+        out[f"peak_{phase}_GB"] = peak / 1e9 if isinstance(peak, (int, float)) else None
+    return out
+
+
+def modes_table(paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows, columns) of the Exp 1-3 table for the runs under the given folders."""
+    rows = [modes_row(r, job_name(r)) for _, runs in find_runs(paths) for r in runs]
+    return rows, list(dict.fromkeys(k for r in rows for k in r))
 
 
 def fmt(v) -> str:
@@ -580,6 +675,8 @@ def main() -> None:
     ap.add_argument("--format", choices=["text", "md"],
                     help="aligned text or markdown tables (default: md for the table, text for --compare)")
     ap.add_argument("--json", type=Path, metavar="OUT", help="with --compare: also write the comparison as JSON")
+    ap.add_argument("--modes", action="store_true",
+                    help="the Exp 1-3 table (twin-aware success, coverage, non-oracle pick, distance, phases)")
     args = ap.parse_args()
     if args.compare:
         if args.runs or args.csv or args.plot:
@@ -595,6 +692,19 @@ def main() -> None:
         ap.error("give results folders, or --compare BASE NEW")
     if args.metrics is not None or args.force or args.json:
         ap.error("--metrics, --force and --json go with --compare")
+    if args.modes:
+        if args.plot:
+            ap.error("--plot does not go with --modes")
+        rows, cols = modes_table(args.runs)
+        print(render(cols, [[r.get(c) for c in cols] for r in rows], args.format or "md"))
+        print("\noracle: best-of-n picked with the ground truth; pick: the lowest-meas_err particle (no oracle). "
+              "Mean PSNR CI: percentile bootstrap over images; success CI: Wilson score interval over images.")
+        if args.csv:
+            with open(args.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                w.writerows(rows)
+        return
     rows, cols, notes = table(args.runs, args.stale_after * 60)
     print(render(cols, [[r.get(c) for c in cols] for r in rows], args.format or "md"))
     if notes:
