@@ -37,7 +37,8 @@ from cores.models import Denoiser
 from cores.noise import ParticleNoise, SharedNoise, branch_seed
 from cores.operators import LatentOperator, Operator
 from cores.pruning import Pruning, choose
-from cores.repulsion import Repulsion, distance_stats, level_tilt, pairwise_sq, repulsion_report
+from cores.pairwise import rms_distances
+from cores.repulsion import Repulsion, distance_stats, level_tilt, repulsion_report
 from cores.scheduler import PFODE, PresetSchedule, Schedule
 from utils.config import check_keys, signature_keys
 from utils.device import allow_sync, index_tensor, to_host
@@ -379,7 +380,7 @@ class DAPS:
         rule = self.pruning
         with torch.no_grad():
             images = denoiser.decode(state.x) if self.latent else state.x
-            dist = to_host((pairwise_sq(images, images) / images[0].numel()).sqrt())
+            dist = to_host(rms_distances(images))
         by_group: dict[int, list[int]] = {}
         for i, pid in enumerate(state.ids):
             by_group.setdefault(pid.image, []).append(i)

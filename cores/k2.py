@@ -212,7 +212,6 @@ class K2Schedule(Schedule):
         self.max_delta = self.max_step_factor**2 - 1
         self.statistic = statistic
         self.reheat = Reheat.from_config(reheat)
-        self.needs_acceptance = self.reheat.needs_acceptance
         self.start()
 
     def start(self) -> float:
@@ -231,6 +230,10 @@ class K2Schedule(Schedule):
         self.ema, self.warned, self.record = state["ema"], state["warned"], dict(state["record"])
         self.reheated = state["reheated"]
         self.reheat.load_state_dict(state["reheat"])
+
+    @property
+    def needs_acceptance(self) -> bool:
+        return self.reheat.needs_acceptance
 
     @property
     def default_particles(self) -> int:

@@ -23,10 +23,10 @@ and differ from its parent's).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
-from utils.config import check_keys
+from utils.config import SubConfig
 
 
 def choose(losses: Sequence[float], dist: Sequence[Sequence[float]], keep: int, close: float, loss_tol: float,
@@ -48,8 +48,10 @@ def choose(losses: Sequence[float], dist: Sequence[Sequence[float]], keep: int, 
 
 
 @dataclass
-class Pruning:
+class Pruning(SubConfig):
     """``sampler.pruning`` (``step`` -1: off)."""
+
+    where = "sampler.pruning"
 
     step: float = -1
     keep: int = 2
@@ -58,16 +60,8 @@ class Pruning:
     fill: bool = True
     branch: bool = False
 
-    @classmethod
-    def from_config(cls, cfg: dict | None) -> "Pruning":
-        cfg = dict(cfg or {})
-        check_keys(cfg, [f.name for f in fields(cls)], "sampler.pruning")
-        rule = cls(**cfg)
-        rule.validate()
-        return rule
-
     def validate(self) -> None:
-        where = "sampler.pruning"
+        where = self.where
         if self.step != -1 and not 0 <= self.step <= 1000:
             raise ValueError(f"{where}.step (pruning_step) must be a DDPM time in [0, 1000] or -1 (off), got {self.step}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
@@ -81,6 +75,3 @@ class Pruning:
     @property
     def on(self) -> bool:
         return self.step != -1
-
-    def describe(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from utils.config import check_keys
+from utils.config import SubConfig
 
 TRIGGERS = ("ksd_plateau", "low_acceptance", "low_cess")
 
 
 @dataclass
-class Reheat:
+class Reheat(SubConfig):
     """The reheating rule of the module docstring (``sampler.k2_scheduler_config.reheat``)."""
+
+    where = "sampler.k2_scheduler_config.reheat"
 
     enabled: bool = False
     triggers: list[str] = field(default_factory=lambda: list(TRIGGERS))
@@ -49,20 +51,11 @@ class Reheat:
     imq_beta: float = -0.5
 
     def __post_init__(self) -> None:
+        self.triggers = list(self.triggers)  # an OmegaConf ListConfig from the command line
         self.start()
 
-    @classmethod
-    def from_config(cls, cfg: dict | None) -> "Reheat":
-        cfg = dict(cfg or {})
-        check_keys(cfg, [f.name for f in fields(cls)], "sampler.k2_scheduler_config.reheat")
-        if "triggers" in cfg:
-            cfg["triggers"] = list(cfg["triggers"])
-        rule = cls(**cfg)
-        rule.validate()
-        return rule
-
     def validate(self) -> None:
-        where = "sampler.k2_scheduler_config.reheat"
+        where = self.where
         if not isinstance(self.enabled, bool):
             raise ValueError(f"{where}.enabled must be true or false, got {self.enabled!r}")
         unknown = [t for t in self.triggers if t not in TRIGGERS]
@@ -141,6 +134,3 @@ class Reheat:
         self.count += 1
         self.ksd_history = []
         return raised
-
-    def describe(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -33,32 +33,21 @@ particles, at the level's start: the ratio the user tuned by).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from utils.config import check_keys
+from cores.pairwise import pairwise_sq, rms_distances, same_group_pairs
+from utils.config import SubConfig
 
 DECAYS = ("linear", "cosine", "constant")
 UNITS = ("ratio", "absolute")
 
 
-def _same_group_pairs(group: torch.Tensor) -> torch.Tensor:
-    """(N, N) mask of pairs (i, j), i != j, of one measurement."""
-    eye = torch.eye(len(group), dtype=torch.bool, device=group.device)
-    return (group[:, None] == group[None, :]) & ~eye
-
-
-def pairwise_sq(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """||x_i - a_j||^2 for all i, j (flattened states), from the Gram matrix (no N x N x D tensor)."""
-    xf, af = x.flatten(1), a.flatten(1)
-    return (xf.pow(2).sum(1)[:, None] + af.pow(2).sum(1)[None, :] - 2 * xf @ af.T).clamp_min(0)
-
-
 def median_bandwidth(anchors: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """h_i = median_j ||a_i - a_j||^2 / log(n - 1) over the particle's measurement (log 2 for n = 2); NaN alone."""
-    pairs = _same_group_pairs(group)
+    pairs = same_group_pairs(group)
     d2 = pairwise_sq(anchors, anchors).masked_fill(~pairs, float("nan"))
     n = pairs.sum(1) + 1
     denom = torch.log((n - 1).clamp_min(2).to(anchors.dtype))
@@ -68,23 +57,25 @@ def median_bandwidth(anchors: torch.Tensor, group: torch.Tensor) -> torch.Tensor
 def repulsion_potential(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor,
                         pairs: torch.Tensor | None = None) -> torch.Tensor:
     """U_i(x_i) = sum_{j != i, same measurement} exp(-||x_i - a_j||^2 / h_i) (module docstring); ``pairs``: the
-    mask of :func:`_same_group_pairs` when already built."""
+    mask of :func:`same_group_pairs` when already built."""
     k = torch.exp(-pairwise_sq(x, anchors) / h[:, None])
-    return (k * (_same_group_pairs(group) if pairs is None else pairs)).sum(1)
+    return (k * (same_group_pairs(group) if pairs is None else pairs)).sum(1)
 
 
 def repulsion_grad(x: torch.Tensor, anchors: torch.Tensor, group: torch.Tensor, h: torch.Tensor,
                    pairs: torch.Tensor | None = None) -> torch.Tensor:
     """-grad U_i(x_i) = (2 / h_i) sum_j exp(-||x_i - a_j||^2 / h_i) (x_i - a_j): the repulsive direction per unit gamma."""
-    k = torch.exp(-pairwise_sq(x, anchors) / h[:, None]) * (_same_group_pairs(group) if pairs is None else pairs)
+    k = torch.exp(-pairwise_sq(x, anchors) / h[:, None]) * (same_group_pairs(group) if pairs is None else pairs)
     xf, af = x.flatten(1), anchors.flatten(1)
     push = k.sum(1, keepdim=True) * xf - k @ af
     return (2 / h[:, None] * push).view_as(x)
 
 
 @dataclass
-class Repulsion:
+class Repulsion(SubConfig):
     """``sampler.repulsion``: the force of the module docstring (``scale`` 0: off)."""
+
+    where = "sampler.repulsion"
 
     scale: float = 0.0
     units: str = "ratio"
@@ -93,16 +84,8 @@ class Repulsion:
     until_sigma: float | None = None
     until_t: float | None = 200.0
 
-    @classmethod
-    def from_config(cls, cfg: dict | None) -> "Repulsion":
-        cfg = dict(cfg or {})
-        check_keys(cfg, [f.name for f in fields(cls)], "sampler.repulsion")
-        rule = cls(**cfg)
-        rule.validate()
-        return rule
-
     def validate(self) -> None:
-        where = "sampler.repulsion"
+        where = self.where
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0):
             raise ValueError(f"{where}.scale (repulsion_scale) must be a number >= 0, got {self.scale!r}")
         if self.bandwidth != "median" and not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0):
@@ -140,9 +123,6 @@ class Repulsion:
             return median_bandwidth(anchors, group)
         return torch.full((len(group),), float(self.bandwidth), dtype=anchors.dtype, device=anchors.device)
 
-    def describe(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 @dataclass
 class Tilt:
@@ -155,7 +135,7 @@ class Tilt:
     gamma: float | torch.Tensor
 
     def __post_init__(self) -> None:
-        self.pairs = _same_group_pairs(self.group)  # built once per level, used at every MCMC step
+        self.pairs = same_group_pairs(self.group)  # built once per level, used at every MCMC step
 
     def _gamma(self, like: torch.Tensor) -> float | torch.Tensor:
         g = self.gamma
@@ -189,8 +169,8 @@ def level_tilt(rule: "Repulsion", strength: float, anchors: torch.Tensor, group:
 
 def distance_stats(x: torch.Tensor, group: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per particle: mean and min RMS distance (per coordinate) to the other particles of its measurement."""
-    pairs = _same_group_pairs(group)
-    d = (pairwise_sq(x, x) / x[0].numel()).sqrt()
+    pairs = same_group_pairs(group)
+    d = rms_distances(x)
     mean = (d * pairs).sum(1) / pairs.sum(1).clamp_min(1)
     mins = d.masked_fill(~pairs, float("inf")).min(1).values
     return {"pair_dist_mean": mean, "pair_dist_min": mins}

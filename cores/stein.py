@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from cores.pairwise import pairwise_sq, same_group_pairs
+
 
 def imq_ksd_rows(x: torch.Tensor, score: torch.Tensor, group: torch.Tensor, c: float = 1.0, beta: float = -0.5
                  ) -> torch.Tensor:
@@ -32,14 +34,14 @@ def imq_ksd_rows(x: torch.Tensor, score: torch.Tensor, group: torch.Tensor, c: f
         raise ValueError(f"IMQ kernel needs c > 0 and beta in (-1, 0), got c={c}, beta={beta}")
     xf, sf = x.flatten(1).double(), score.flatten(1).double()
     dim = xf.shape[1]
-    xx, ss, xs = xf @ xf.T, sf @ sf.T, xf @ sf.T          # Gram matrices: x_i.x_j, s_i.s_j, x_i.s_j
-    sq = (xx.diag()[:, None] + xx.diag()[None, :] - 2 * xx).clamp_min(0)   # ||x_i - x_j||^2
+    ss, xs = sf @ sf.T, xf @ sf.T                          # Gram matrices: s_i.s_j, x_i.s_j
+    sq = pairwise_sq(xf, xf)                               # ||x_i - x_j||^2
     q = c**2 + sq
     # d.(s_i - s_j) with d = x_i - x_j: x_i.s_i - x_i.s_j - x_j.s_i + x_j.s_j
     d_ds = xs.diag()[:, None] - xs - xs.T + xs.diag()[None, :]
     u = (q.pow(beta) * ss - 2 * beta * q.pow(beta - 1) * d_ds
          - 2 * beta * (dim * q.pow(beta - 1) + 2 * (beta - 1) * q.pow(beta - 2) * sq))
-    pair = (group[:, None] == group[None, :]) & ~torch.eye(len(group), dtype=torch.bool, device=group.device)
+    pair = same_group_pairs(group)
     count = pair.sum(1)
     rows = (u * pair).sum(1) / count.clamp_min(1)
     return torch.where(count > 0, rows, torch.full_like(rows, float("nan"))).to(x.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -70,6 +71,27 @@ def check_keys(cfg: Mapping[str, Any], valid: Iterable[str], where: str) -> None
     for key in cfg:
         if key not in valid:
             raise ValueError(f"unknown key {where}.{key}{nearest(key, valid)}; valid keys: {', '.join(sorted(valid))}")
+
+
+class SubConfig:
+    """Base of a dataclass built from one sub-config (``where``, its dotted path): unknown keys are refused naming
+    the nearest field, then :meth:`validate` checks the values; :meth:`describe` gives the fields back."""
+
+    where = "config"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> Any:
+        cfg = dict(cfg or {})
+        check_keys(cfg, [f.name for f in fields(cls)], cls.where)
+        rule = cls(**cfg)
+        rule.validate()
+        return rule
+
+    def validate(self) -> None:
+        """Refuse values the feature cannot use (none by default)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _plain(node: Any) -> Any:
