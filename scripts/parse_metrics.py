@@ -249,13 +249,8 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] |
 
 
 def bootstrap_mean(values: list[float]) -> tuple[float, float] | None:
-    """95% percentile bootstrap interval of the mean over images (BOOTSTRAP_RESAMPLES, numpy seed BOOTSTRAP_SEED)."""
-    if not values:
-        return None
-    v = np.asarray(values, dtype=float)
-    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(v), size=(BOOTSTRAP_RESAMPLES, len(v)))
-    means = v[idx].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    """95% percentile bootstrap interval of the mean over images (:func:`bootstrap`), None without values."""
+    return tuple(bootstrap(np.asarray(values, dtype=float))) if values else None
 
 
 def final_pair_dist(run: Path) -> float | None:
