@@ -240,14 +240,17 @@ class Run:
                                            progress=self.observer.progress(),
                                            checkpoint=lambda state: self.checkpoint.save({**chunk, "sample": state}),
                                            resume_from=saved["sample"] if saved and run == saved["run"] else None)
-                self.results.add_sampling(res.used_levels, res.network_evals, res.particle_network_evals)
+                self.results.add_sampling(res.used_levels, res.network_evals, res.particle_network_evals,
+                                          res.hard_dc_sec)
                 out = {"ids": [list(pid) for pid in res.ids], "x": res.x.cpu(), "status": res.status,
-                       "stopped_at": res.stopped_at, "pruned": res.pruned, "parents": res.parents}
+                       "stopped_at": res.stopped_at, "pruned": res.pruned, "parents": res.parents,
+                       "hard_dc": res.hard_dc}
                 self.observer.save_trajectory()
             chunk["done"].append(out)
             for row, pid in enumerate(map(ParticleId._make, out["ids"])):
                 stopped = (out["status"][row], out["stopped_at"][row])
-                found = {"pruned_x0hat": out["pruned"].get(row), "parent": out["parents"].get(row)}
+                found = {"pruned_x0hat": out["pruned"].get(row), "parent": out["parents"].get(row),
+                         "hard_dc": out["hard_dc"].get(row)}
                 samples[pid.image][pid.sample] = (pid, out["x"][row].to(dev), stopped, found)
         for i, it in enumerate(items):
             done = [samples[it.index][k] for k in sorted(samples[it.index])]

@@ -39,13 +39,13 @@ from cores.operators import LatentOperator, Operator
 from cores.pruning import Pruning, choose
 from cores.pairwise import rms_distances
 from cores.repulsion import Repulsion, distance_stats, level_tilt, repulsion_report
+from cores.resample import STOPS, DCResult, HardDC
 from cores.scheduler import PFODE, PresetSchedule, Schedule
 from utils.config import check_keys, signature_keys
 from utils.device import allow_sync, index_tensor, to_host
 
 log = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], None]
-NOT_IMPLEMENTED = "not implemented yet"
 
 
 class ParticleId(NamedTuple):
@@ -123,6 +123,8 @@ class SampleResult:
     particle_network_evals: int
     pruned: dict[int, torch.Tensor] = field(default_factory=dict)
     parents: dict[int, str] = field(default_factory=dict)
+    hard_dc: dict[int, dict[str, Any]] = field(default_factory=dict)
+    hard_dc_sec: float = 0.0
 
     @property
     def used_levels(self) -> int:
@@ -132,18 +134,38 @@ class SampleResult:
 @dataclass
 class Found:
     """What the loop found about particles that is not per-particle state: the prune level, pruned particles' x0hat
-    (by row) and branched clones' parents (by row); kept in the checkpoint."""
+    (by row), branched clones' parents (by row), each particle's hard data consistency record (by row, :meth:`add_dc`)
+    and the optimisation's wall time; kept in the checkpoint."""
 
     pruned_at: int | None = None
     pruned: dict[int, torch.Tensor] = field(default_factory=dict)
     parents: dict[int, str] = field(default_factory=dict)
+    hard_dc: dict[int, dict[str, Any]] = field(default_factory=dict)
+    hard_dc_sec: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pruned_at": self.pruned_at, "pruned": dict(self.pruned), "parents": dict(self.parents)}
+        return {"pruned_at": self.pruned_at, "pruned": dict(self.pruned), "parents": dict(self.parents),
+                "hard_dc": {k: dict(v) for k, v in self.hard_dc.items()}, "hard_dc_sec": self.hard_dc_sec}
 
     @classmethod
     def from_state(cls, saved: dict[str, Any]) -> "Found":
-        return cls(saved["pruned_at"], dict(saved["pruned"]), dict(saved["parents"]))
+        return cls(saved["pruned_at"], dict(saved["pruned"]), dict(saved["parents"]),
+                   {k: dict(v) for k, v in saved["hard_dc"].items()}, saved["hard_dc_sec"])
+
+    def add_dc(self, rows: list[int], host: dict[str, list], sec: float) -> None:
+        """Add one level's optimisation (host lists, one entry per particle of ``rows``) to each particle's record:
+        levels optimised and accepted, updates (total and most in one level), time, the data loss before the first
+        and after the last optimisation, and how often each stopping rule ended it."""
+        self.hard_dc_sec += sec
+        for k, row in enumerate(rows):
+            rec = self.hard_dc.setdefault(row, {"levels": 0, "accepted": 0, "steps": 0, "steps_max": 0, "sec": 0.0,
+                                                "first_loss_before": host["dc_loss_before"][k],
+                                                **{f"stop_{s}": 0 for s in STOPS}})
+            steps = int(host["dc_steps"][k])
+            rec.update(levels=rec["levels"] + 1, accepted=rec["accepted"] + int(host["dc_accepted"][k]),
+                       steps=rec["steps"] + steps, steps_max=max(rec["steps_max"], steps),
+                       sec=rec["sec"] + host["dc_particle_sec"][k], last_loss_after=host["dc_loss_after"][k])
+            rec[f"stop_{STOPS[int(host['dc_stop'][k])]}"] += 1
 
 
 class CountingDenoiser:
@@ -240,9 +262,9 @@ class DAPS:
     host_syncs_per_level = 1
 
     def __init__(self, schedule: Schedule, ode: PFODE, kernel: Kernel, target: TargetSpec, latent: bool = False,
-                 repulsion: Repulsion | None = None, pruning: Pruning | None = None):
+                 repulsion: Repulsion | None = None, pruning: Pruning | None = None, hard_dc: HardDC | None = None):
         self.schedule, self.ode, self.kernel, self.target, self.latent = schedule, ode, kernel, target, bool(latent)
-        self.repulsion, self.pruning = repulsion or Repulsion(), pruning or Pruning()
+        self.repulsion, self.pruning, self.hard_dc = repulsion or Repulsion(), pruning or Pruning(), hard_dc or HardDC()
 
     def check(self, denoiser: Denoiser, particles_per_measurement: int | None = None) -> None:
         """Refuse combinations that cannot run, before any compute (``particles_per_measurement``: num_samples,
@@ -266,7 +288,7 @@ class DAPS:
         return {"latent": self.latent, "schedule": self.schedule.describe(), "ode_steps": self.ode.num_steps,
                 "ode_solver": self.ode.solver, "ode_sigma_min": self.ode.sigma_min, **self.kernel.describe(),
                 **self.target.describe(), "repulsion": self.repulsion.describe(), "pruning": self.pruning.describe(),
-                "couples": self.schedule.couples or "none (each particle is independent of its batch)"}
+                "hard_dc": {**self.hard_dc.describe(), **self.hard_dc.settings(self.latent)}, "couples": self.schedule.couples or "none (each particle is independent of its batch)"}
 
     def initial_state(self, noise: ParticleNoise | SharedNoise, shape: tuple[int, ...], device: torch.device
                       ) -> torch.Tensor:
@@ -304,51 +326,85 @@ class DAPS:
         sigma_max = sigma
         sigma_off = self.repulsion.cutoff(denoiser) if self.repulsion.on else None
         sigma_prune = denoiser.sigma_at_time(self.pruning.step) if self.pruning.on else None
+        sigma_dc = denoiser.sigma_at_time(self.hard_dc.step) if self.hard_dc.on else None
         if resume_from is not None:
             state, sigma, step, status, stopped_at, levels = resume(particles, resume_from, self.schedule, net)
             found = Found.from_state(resume_from["found"])
+        if self.hard_dc.on and not self.latent and operator.has_twin:
+            log.warning("hard data consistency in pixel space on %s: the plan warns that pixel-space optimisation "
+                        "harms phase retrieval; use a latent model to optimise z", operator.name)
+        dc_first = next((k for k, s in enumerate(levels) if s <= sigma_dc), None) if sigma_dc is not None else None
         bar = progress(self.schedule.planned_levels) if progress else None
         if bar is not None and step:
             bar.update(step)
-        emit({"event": "phase", "phase": "explore" if found.pruned_at is None else "refine", "step": step})
+        phase = None
         while sigma is not None and len(state):
+            if sigma_dc is not None and dc_first is None and sigma <= sigma_dc:
+                dc_first = step
+            optimizing = dc_first is not None
+            now = "optimize" if optimizing else "refine" if found.pruned_at is not None else "explore"
+            if now != phase:
+                phase = now
+                emit({"event": "phase", "phase": phase, "step": step})
             if "class_label" in state.state:  # labels are per-particle state: they follow every select
                 denoiser.condition(state.state["class_label"])
             # 1. reverse diffusion to the level's prior mean
             x0hat = self.ode.solve(net.denoise, state.x, sigma)
             # 2. MCMC on the level's conditional pi_k (data term + Gaussian around x0hat), tilted by the repulsion
-            #    from the other particles of the measurement at the level's start while it is on (cores/repulsion.py)
+            #    from the other particles of the measurement at the level's start while it is on (cores/repulsion.py;
+            #    off once hard data consistency has started)
             loss = lambda x, yy=state.y: op.loss(x, yy)  # noqa: E731
-            gamma = self.repulsion.strength(sigma, sigma_max, sigma_off) if self.repulsion.on else 0.0
+            loss_rows = lambda x, rows, yy=state.y: op.loss(x, yy[rows])  # noqa: E731
+            gamma = self.repulsion.strength(sigma, sigma_max, sigma_off) if self.repulsion.on and not optimizing else 0.0
             tilt = ratio = None
             if gamma > 0:
                 tilt, ratio = level_tilt(self.repulsion, gamma, x0hat.detach(), state.group, loss, self.target.data_weight)
-            target = make_target(self.target, net, loss, state.x, x0hat, sigma, tilt=tilt,
-                                 loss_rows=lambda x, rows, yy=state.y: op.loss(x, yy[rows]))
+            target = make_target(self.target, net, loss, state.x, x0hat, sigma, tilt=tilt, loss_rows=loss_rows)
             out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))
-            # 3. the level's statistics, with those the schedule asks for: the one host synchronisation of the level
+            x0y, level_loss = out.x, out.loss
+            # 3. hard data consistency (cores/resample.py): each particle's x pulled onto its measurement by AdamW
+            dc: DCResult | None = None
+            if optimizing and self.hard_dc.due(step, dc_first):
+                dc, take = self.optimise(state, loss_rows, out, x0hat)
+                view = take.view(-1, *([1] * (out.x.dim() - 1)))
+                x0y, level_loss = torch.where(view, dc.x, out.x), torch.where(take, dc.loss_after, dc.loss_before)
+            # 4. the level's statistics, with those the schedule asks for: the one host synchronisation of the level
             extra = {} if tilt is None else {"bandwidth": tilt.h, "gamma": tilt.gamma, "force_ratio": ratio}
-            host = level_stats_to_host({"loss": out.loss, "acceptance": out.acceptance,
-                                        "finite": torch.isfinite(out.x).flatten(1).all(1), "group": state.group,
-                                        **distance_stats(out.x, state.group), **extra,
-                                        **self.schedule.level_stats(target, out.x, state.group)})
-            # 4. the next level (preset or K2)
+            if dc is not None:
+                extra.update(dc_loss_before=dc.loss_before, dc_loss_after=dc.loss_after, dc_steps=dc.steps,
+                             dc_stop=dc.stop, dc_accepted=take)
+            host = level_stats_to_host({"loss": level_loss, "acceptance": out.acceptance,
+                                        "finite": torch.isfinite(x0y).flatten(1).all(1), "group": state.group,
+                                        **distance_stats(x0y, state.group), **extra,
+                                        **self.schedule.level_stats(target, x0y, state.group)})
+            # 5. the next level (preset or K2)
             next_sigma = self.schedule.next(step, sigma, host)
             levels.append(sigma)
-            emit({"event": "level", "step": step, "sigma": sigma, "next_sigma": next_sigma or 0.0,
-                  "ids": list(state.ids), "loss": host["loss"], "acceptance": host["acceptance"],
-                  "finite": host["finite"], "repulsion": repulsion_report(host, gamma), "x0hat": x0hat, "x0y": out.x})
-            for event in self.schedule.events():
-                emit(event)
-            # 5. particles that produced NaN/Inf stop here; at the prune level the promising ones go on
-            state.x = out.x
+            event = {"event": "level", "step": step, "sigma": sigma, "next_sigma": next_sigma or 0.0,
+                     "ids": list(state.ids), "loss": host["loss"], "acceptance": host["acceptance"],
+                     "finite": host["finite"], "repulsion": repulsion_report(host, gamma), "x0hat": x0hat, "x0y": x0y}
+            if dc is not None:
+                host["dc_particle_sec"] = dc.particle_sec.tolist()
+                found.add_dc(list(state.row), host, dc.sec)
+                event["hard_dc"] = {"sec": dc.sec, **{k[3:]: host[k] for k in host if k.startswith("dc_")},
+                                    "stop": [STOPS[int(s)] for s in host["dc_stop"]]}
+            emit(event)
+            for schedule_event in self.schedule.events():
+                emit(schedule_event)
+            # 6. particles that produced NaN/Inf stop here; at the prune level the promising ones go on
+            state.x = x0y
+            if dc is not None:  # the level's DAPS samples and choices, sliced with the particles until the map back
+                state.state.update(dc_daps=out.x, dc_take=take)
             alive = [i for i, ok in enumerate(host["finite"]) if ok]
             state = drop_nonfinite(state, host["finite"], step, sigma, status, stopped_at)
             if sigma_prune is not None and found.pruned_at is None and sigma <= sigma_prune and len(state):
                 state = self.prune(state, [host["loss"][i] for i in alive], x0hat[index_tensor(alive, x0hat.device)],
                                    denoiser, step, sigma, status, stopped_at, found, emit)
-            # 6. the next level's noise; none after the last level
-            if next_sigma is not None:
+            # 7. the next level's noise (after an optimisation: continue or ReSample's resampling); none after the last
+            if "dc_daps" in state.state:
+                daps, take = state.state.pop("dc_daps"), state.state.pop("dc_take")
+                state.x = self.hard_dc.map_to(state.x, daps, take, sigma, next_sigma, state.noise.randn_like)
+            elif next_sigma is not None:
                 state.x = state.x + next_sigma * state.noise.randn_like(state.x)
             if bar is not None:
                 finite_loss = [v for v, ok in zip(host["loss"], host["finite"]) if ok]
@@ -369,14 +425,28 @@ class DAPS:
         if "class_label" in particles.state:
             denoiser.condition(None)
         return SampleResult(out_x, list(particles.ids), status, stopped_at, levels, net.calls, net.particle_calls,
-                            found.pruned, found.parents)
+                            found.pruned, found.parents, found.hard_dc, found.hard_dc_sec)
+
+    def optimise(self, state: Particles, loss_rows: Callable, out: Any, x0hat: torch.Tensor
+                 ) -> tuple[DCResult, torch.Tensor]:
+        """This level's hard data consistency (cores/resample.py) from the DAPS samples ``out.x``, and which particles
+        take it; with ``warm_start`` the AdamW moments are per-particle state (``state.state``: hard_dc_m/v/t)."""
+        rule = self.hard_dc
+        moments = None
+        if rule.warm_start:
+            moments = {k: state.state[f"hard_dc_{k}"] for k in "mvt" if f"hard_dc_{k}" in state.state}
+        start = out.x if rule.start == "sample" else x0hat
+        dc = rule.optimise(loss_rows, start, out.x, state.y[0].numel(), self.latent, moments)
+        if moments is not None:
+            state.state.update({f"hard_dc_{k}": v for k, v in moments.items()})
+        return dc, rule.accepted(dc)
 
     def prune(self, state: Particles, losses: list[float], x0hat: torch.Tensor, denoiser: Denoiser, step: int,
               sigma: float, status: list[str], stopped_at: list[int | None], found: "Found", emit: Callback
               ) -> Particles:
         """The pruning of cores/pruning.py at this level: per measurement keep by loss and distance (images: latents
         decoded), the others end ``pruned`` with their x0hat kept; with ``branch`` clones of the survivors take the
-        dropped particles' slots with fresh streams. Emits ``prune`` and starts the ``refine`` phase."""
+        dropped particles' slots with fresh streams. Emits ``prune``; the next level starts the ``refine`` phase."""
         rule = self.pruning
         with torch.no_grad():
             images = denoiser.decode(state.x) if self.latent else state.x
@@ -412,23 +482,11 @@ class DAPS:
         found.pruned_at = step
         emit({"event": "prune", "step": step, "sigma": sigma, "measurements": record,
               "branched": {str(state.ids[slot]): str(state.ids[parent]) for parent, slot in clones}})
-        emit({"event": "phase", "phase": "refine", "step": step + 1})
         return new
 
 
 SAMPLER_KEYS = ("latent", "annealing_scheduler_config", "diffusion_scheduler_config", "k2_scheduler_config",
                 "repulsion", "pruning", "hard_dc")
-# feature sub-configs not built yet: (key whose non-default value switches it on, off value, feature)
-FEATURES = {"hard_dc": ("step", -1, "hard data consistency (Exp 4)")}
-
-
-def _check_features(cfg: dict) -> None:
-    for name, (key, off, feature) in FEATURES.items():
-        sub = cfg.get(name) or {}
-        check_keys(sub, [key], f"sampler.{name}")
-        if sub.get(key, off) != off:
-            raise NotImplementedError(f"sampler.{name}.{key}={sub[key]}: {feature} is {NOT_IMPLEMENTED}; "
-                                      f"leave it at {off}")
 
 
 def build_sampler(sampler_cfg: dict, mcmc_cfg: dict) -> DAPS:
@@ -436,7 +494,6 @@ def build_sampler(sampler_cfg: dict, mcmc_cfg: dict) -> DAPS:
     the sampler's config."""
     cfg = dict(sampler_cfg)
     check_keys(cfg, SAMPLER_KEYS, "sampler")
-    _check_features(cfg)
     mcmc = MCMCConfig.from_dict(mcmc_cfg)
     ode_cfg = dict(cfg["diffusion_scheduler_config"])
     check_keys(ode_cfg, signature_keys(PFODE), "sampler.diffusion_scheduler_config")
@@ -445,4 +502,5 @@ def build_sampler(sampler_cfg: dict, mcmc_cfg: dict) -> DAPS:
     if k2 is not None:  # K2-DAPS wraps the preset: warm-up levels, floor, level count
         schedule = K2Schedule(schedule, **k2)
     return DAPS(schedule, PFODE(**ode_cfg), mcmc.kernel(), mcmc.target_spec(), latent=cfg.get("latent", False),
-                repulsion=Repulsion.from_config(cfg.get("repulsion")), pruning=Pruning.from_config(cfg.get("pruning")))
+                repulsion=Repulsion.from_config(cfg.get("repulsion")), pruning=Pruning.from_config(cfg.get("pruning")),
+                hard_dc=HardDC.from_config(cfg.get("hard_dc")))

@@ -97,8 +97,9 @@ class Repulsion(SubConfig):
         if self.until_sigma is None and self.until_t is None and self.on:
             raise ValueError(f"{where}: give a cut-off, until_sigma (a noise level, used when set) or until_t (a DDPM "
                              "time on the 1000-step scale): the final phase must be repulsion-free")
-        if self.until_t is not None and not 0 <= self.until_t <= 1000:
-            raise ValueError(f"{where}.until_t must be a DDPM time in [0, 1000], got {self.until_t}")
+        if self.until_t is not None and not 0 < self.until_t <= 1000:
+            raise ValueError(f"{where}.until_t must be a DDPM time in (0, 1000] (the final phase must be repulsion-"
+                             f"free; t = 0 is no noise), got {self.until_t}")
         if self.until_sigma is not None and not self.until_sigma > 0:
             raise ValueError(f"{where}.until_sigma must be > 0, got {self.until_sigma}")
 

@@ -18,9 +18,13 @@ K2 = {"name": "k2", "target_cess": 0.9, "max_step_factor": 10.0, "ema_alpha": 0.
 
 
 def make(schedule: str):
-    """preset, k2, or branch: the preset with repulsion and a prune to 1 particle refilled by clones at level 4."""
-    particles = {"repulsion": {"scale": 2.0, "until_sigma": 1.0, "until_t": None},
-                 "pruning": {"step": 600, "keep": 1, "branch": True}} if schedule == "branch" else {}
+    """preset, k2, branch (the preset with repulsion and a prune to 1 particle refilled by clones at level 4), or
+    hard_dc (hard data consistency from level 4 on with AdamW moments kept between levels, ReSample's resampling, and
+    a prune to 2 at that level)."""
+    particles = {"branch": {"repulsion": {"scale": 2.0, "until_sigma": 1.0, "until_t": None},
+                            "pruning": {"step": 600, "keep": 1, "branch": True}},
+                 "hard_dc": {"hard_dc": {"step": 600, "max_iters": 12, "patience": 4, "lr": 0.01, "warm_start": True},
+                             "pruning": {"step": 600, "keep": 2}}}.get(schedule, {})
     return build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
                           "k2_scheduler_config": K2 if schedule == "k2" else None, **particles}, MCMC)
 
@@ -43,10 +47,14 @@ def round_trip(state: dict) -> dict:
 
 
 def levels(events):
-    return [{k: v for k, v in e.items() if k not in ("x0hat", "x0y")} for e in events if e["event"] == "level"]
+    """The level events without device tensors and wall times."""
+    def untimed(v):
+        return {k: x for k, x in v.items() if k not in ("sec", "particle_sec")} if isinstance(v, dict) else v
+
+    return [{k: untimed(v) for k, v in e.items() if k not in ("x0hat", "x0y")} for e in events if e["event"] == "level"]
 
 
-@pytest.mark.parametrize("schedule", ["preset", "k2", "branch"])
+@pytest.mark.parametrize("schedule", ["preset", "k2", "branch", "hard_dc"])
 def test_sample_split_at_any_level_equals_a_straight_sample(gmm, schedule):
     d, y = gmm
     s = make(schedule)
@@ -69,9 +77,11 @@ def test_sample_split_at_any_level_equals_a_straight_sample(gmm, schedule):
         assert (res.network_evals, res.particle_network_evals) == \
             (straight.network_evals, straight.particle_network_evals)
         assert levels(later) == levels(events)[k + 1:], k  # only the levels after k were computed again
-        phase = "refine" if pruned_at is not None and pruned_at <= k else "explore"
+        phase = [e["phase"] for e in events if e["event"] == "phase" and e["step"] <= k + 1][-1]
         assert later[0] == {"event": "phase", "phase": phase, "step": k + 1}
         assert res.parents == straight.parents and res.pruned.keys() == straight.pruned.keys()
+        assert res.hard_dc.keys() == straight.hard_dc.keys()
+        assert all(res.hard_dc[r]["steps"] == straight.hard_dc[r]["steps"] for r in res.hard_dc)
 
 
 def test_a_checkpoint_of_other_particles_is_refused(gmm):

@@ -127,7 +127,8 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["task_group=pixel_hmcc"], "task_group=pixel_hmcc is not defined"),
-    (["optimization_step=200"], "not implemented yet"),
+    (["optimization_step=2000"], "hard_dc.step (optimization_step) must be a DDPM time in [0, 1000] or -1"),
+    (["++sampler.hard_dc.accept=maybe"], "sampler.hard_dc.accept must be one of always, improved, never"),
     (["repulsion_scale=-1"], "repulsion.scale (repulsion_scale) must be a number >= 0"),
     (["pruning_step=2000"], "pruning.step (pruning_step) must be a DDPM time in [0, 1000] or -1"),
     (["++sampler.repulsion.decay=exp"], "sampler.repulsion.decay must be one of"),
@@ -136,7 +137,6 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
     (["+sampler.diffusion_scheduler_config.solver=rk5"], "unknown ODE solver"),
     (["task.pixel_hmc.mcmc_sampler_config.mc_algo=ula"], "unknown mc_algo"),
     (["++sampler.k2_scheduler_config.name=k2", "num_samples=1"], "K2-DAPS needs at least 2 particles of one measurement"),
-    (["+experiment=exp4_optimization"], "sampler.hard_dc.step=200: hard data consistency (Exp 4) is not implemented yet"),
     # typos fail with the key named and its nearest valid neighbour (they used to run with the defaults)
     (["++num_sampels=4"], "unknown top-level key num_sampels (did you mean num_samples?)"),
     (["+num_sample=4"], "unknown top-level key num_sample (did you mean num_samples?)"),

@@ -154,9 +154,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match=r"annealing_scheduler_config.num_step \(did you mean num_steps\?\)"):
         build_sampler({"annealing_scheduler_config": {**ANNEAL, "num_step": 3}, "diffusion_scheduler_config": ODE},
                       mcmc())
-    with pytest.raises(NotImplementedError, match="sampler.hard_dc.step=200.*not implemented yet"):
+    with pytest.raises(ValueError, match=r"unknown key sampler.hard_dc.max_iter \(did you mean max_iters\?\)"):
         build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
-                       "hard_dc": {"step": 200}}, mcmc())
+                       "hard_dc": {"step": 200, "max_iter": 5}}, mcmc())
     cfg = MCMCConfig.from_dict(mcmc("mala", likelihood="gaussian"))
     assert cfg.data_weight == pytest.approx(0.5 / 0.05**2)
     assert MCMCConfig.from_dict(mcmc()).data_weight == pytest.approx(1 / 0.05**2)

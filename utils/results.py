@@ -103,6 +103,9 @@ class Recorder:
                    "aggregate": self.aggregate(), "images": self.images}
         if self.mode_threshold_db is not None:
             metrics["modes"] = self.modes()
+        dc = hard_dc_summary(self.images, (extra or {}).get("timing"))
+        if dc is not None:
+            metrics["hard_dc"] = dc
         dump_json(metrics, self.root / "metrics.json")
         (self.root / "eval.md").write_text(self.markdown(status))
 
@@ -130,6 +133,12 @@ class Recorder:
         modes = self.modes()
         if modes is not None and modes["images"]:
             lines += self.modes_markdown(modes, agg.get(TWIN_METRIC))
+        dc = hard_dc_summary(self.images, None)
+        if dc is not None:
+            lines += ["", f"Hard data consistency: {dc['particles']} particle(s) optimised on {dc['levels']} particle-"
+                          f"level(s), {dc['accepted_levels']} accepted; AdamW updates per particle mean "
+                          f"{dc['steps_per_particle_mean']:.1f}, max {dc['steps_per_particle_max']} (stops: "
+                          + ", ".join(f"{k[5:]} {v}" for k, v in dc.items() if k.startswith("stop_")) + ")."]
         nonfinite = sum(img["nonfinite_particles"] for img in self.images)
         if nonfinite:
             lines.append(f"\n{nonfinite} particle(s) stopped for NaN/Inf and excluded from the scores.")
@@ -158,6 +167,26 @@ class Recorder:
             lines.append(f"\n{modes['twin_ambiguous_images']} image(s) are within the threshold of their own twin "
                          f"(gt_twin_psnr): there 0 and 180 are not told apart.")
         return lines
+
+
+def hard_dc_summary(images: list[dict[str, Any]], timing: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's hard data consistency from its particles' records (sampler.Found.add_dc; pruned particles keep theirs):
+    particles, levels optimised and accepted, AdamW updates (total, per particle mean and max, most in one level), the
+    stopping rules' counts; with ``timing``, the optimisation's wall time and its share of the sampling time."""
+    recs = [p["hard_dc"] for img in images for p in img["particles"] if p.get("hard_dc")]
+    if not recs:
+        return None
+    steps = [r["steps"] for r in recs]
+    out: dict[str, Any] = {"particles": len(recs), "levels": sum(r["levels"] for r in recs),
+                           "accepted_levels": sum(r["accepted"] for r in recs), "steps_total": sum(steps),
+                           "steps_per_particle_mean": sum(steps) / len(steps), "steps_per_particle_max": max(steps),
+                           "steps_per_level_max": max(r["steps_max"] for r in recs),
+                           **{k: sum(r[k] for r in recs) for k in recs[0] if k.startswith("stop_")}}
+    if timing is not None:
+        sampling = timing.get("sampling_wall_sec") or 0.0
+        out["wall_sec"] = timing.get("hard_dc_sec", 0.0)
+        out["share_of_sampling"] = out["wall_sec"] / sampling if sampling else None
+    return out
 
 
 def mode_threshold(cfg: Any) -> float:
@@ -214,12 +243,14 @@ class RunResults:
         self.done_before = len(self.recorder.finished()) if resumed else 0
         self.grid: dict[int, dict[str, Any]] = {}
         self.images_done = self.network_evals = self.particle_network_evals = 0
-        self.finished_wall = self.finished_sampling = 0.0
+        self.finished_wall = self.finished_sampling = self.hard_dc_sec = 0.0
         self.used_levels: list[int] = []
         self.started_unix, self.t0, self.last_beat = time.time(), time.perf_counter(), time.perf_counter()
 
-    def add_sampling(self, used_levels: int, network_evals: int, particle_network_evals: int) -> None:
-        """What one ``sample()`` call really did (levels visited, denoiser calls)."""
+    def add_sampling(self, used_levels: int, network_evals: int, particle_network_evals: int,
+                     hard_dc_sec: float = 0.0) -> None:
+        """What one ``sample()`` call really did (levels visited, denoiser calls, hard data consistency's time)."""
+        self.hard_dc_sec += hard_dc_sec
         self.used_levels.append(used_levels)
         self.network_evals = max(self.network_evals, network_evals)
         self.particle_network_evals += particle_network_evals
@@ -229,7 +260,7 @@ class RunResults:
         """Score the particles of one image (finite ones only), save its files and refresh metrics.json;
         ``ids`` are the particles' ParticleIds, in the rows of ``xs``; ``found`` (per particle): ``pruned_x0hat``,
         the x0hat of a pruned particle at its prune level (saved as samples/<image>_particle<k>_pruned.png), and
-        ``parent``, the id of the survivor a branched clone copied."""
+        ``parent``, the id of the survivor a branched clone copied, ``hard_dc``, its hard data consistency record."""
         parts = self.parts
         rows = [k for k, (st, _) in enumerate(status) if st == "ok"]
         scores: dict[str, list[float]] = {}
@@ -247,8 +278,9 @@ class RunResults:
             for m in self.fields:
                 rec[m] = scores[m][rows.index(k)] if st == "ok" else None
             extra = (found or [{}] * len(status))[k]
-            if extra.get("parent") is not None:
-                rec["parent"] = extra["parent"]
+            for key in ("parent", "hard_dc"):
+                if extra.get(key) is not None:
+                    rec[key] = extra[key]
             particles.append(rec)
             if st == "ok" and parts.cfg.save_samples:
                 save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
@@ -306,7 +338,8 @@ class RunResults:
                 "finished_sampling_sec": self.finished_sampling,
                 "used_anneal_steps": max(self.used_levels, default=0),
                 "network_evals_per_particle": self.network_evals,
-                "particle_network_evals": self.particle_network_evals, "phases": self.timer.summary()}
+                "particle_network_evals": self.particle_network_evals, "hard_dc_sec": self.hard_dc_sec,
+                "phases": self.timer.summary()}
 
     def timing(self, status: str, ranks: list[dict[str, Any]] | None = None, error: str | None = None
                ) -> dict[str, Any]:
@@ -344,6 +377,7 @@ class RunResults:
             "particle_network_evals": prev.get("particle_network_evals", 0)
             + sum(r["particle_network_evals"] for r in ranks),
             "phases": merge_phases(prev.get("phases", {}), ranks[0]["phases"]),
+            "hard_dc_sec": prev.get("hard_dc_sec", 0.0) + max(r.get("hard_dc_sec", 0.0) for r in ranks),
             "world_size": self.parts.dist.world, "attempts": attempts})
         if self.parts.dist.world > 1:
             out["ranks"] = ranks
