@@ -112,7 +112,9 @@ def start_particles(ids: list[ParticleId], y: torch.Tensor, group: list[int], no
 class SampleResult:
     """Final states of all particles in their starting rows (rows of stopped particles are NaN), what happened to
     each, and what the run really did: levels visited, denoiser calls. ``pruned``: row -> the pruned particle's
-    x0hat (image, on the host) at its prune level; ``parents``: row -> id of the survivor a branched clone copied."""
+    x0hat (image, on the host) at its prune level; ``parents``: row -> id of the survivor a branched clone copied;
+    ``hard_dc``: row -> the particle's hard data consistency record (:meth:`Found.add_dc`), ``hard_dc_sec`` the
+    optimisation's wall time."""
 
     x: torch.Tensor
     ids: list[ParticleId]
@@ -400,6 +402,9 @@ class DAPS:
             if sigma_prune is not None and found.pruned_at is None and sigma <= sigma_prune and len(state):
                 state = self.prune(state, [host["loss"][i] for i in alive], x0hat[index_tensor(alive, x0hat.device)],
                                    denoiser, step, sigma, status, stopped_at, found, emit)
+                if phase == "explore":  # the refine phase starts right after the prune
+                    phase = "refine"
+                    emit({"event": "phase", "phase": phase, "step": step + 1})
             # 7. the next level's noise (after an optimisation: continue or ReSample's resampling); none after the last
             if "dc_daps" in state.state:
                 daps, take = state.state.pop("dc_daps"), state.state.pop("dc_take")
@@ -446,7 +451,7 @@ class DAPS:
               ) -> Particles:
         """The pruning of cores/pruning.py at this level: per measurement keep by loss and distance (images: latents
         decoded), the others end ``pruned`` with their x0hat kept; with ``branch`` clones of the survivors take the
-        dropped particles' slots with fresh streams. Emits ``prune``; the next level starts the ``refine`` phase."""
+        dropped particles' slots with fresh streams. Emits ``prune`` (the loop then starts the ``refine`` phase)."""
         rule = self.pruning
         with torch.no_grad():
             images = denoiser.decode(state.x) if self.latent else state.x
