@@ -163,10 +163,26 @@ def check_experiment_order(cfg: DictConfig, choices: Mapping[str, str | None], s
     ``+group=...`` options in command-line order, so ``+experiment=k2_quality +sampler=edm_daps`` would let the
     sampler file put back ``k2_scheduler_config: null`` and run the preset schedule without a word."""
     choice = choices.get("experiment")
-    path = _group_file("experiment", choice, search) if choice else None
-    if path is None:
+    node = _experiment(choice, search) if choice else None
+    if node is None:
         return
-    for key, value in _leaves(_plain(OmegaConf.load(path))):
+    for key, value in _leaves(node):
         if key.split(".")[0] in GROUPS and value is not None and OmegaConf.select(cfg, key) is None:
             raise ValueError(f"+experiment={choice} sets {key}, but the {key.split('.')[0]} group composed after it "
                              f"reset it: put +experiment={choice} after +{key.split('.')[0]}=... on the command line")
+
+
+def _experiment(choice: str, search: Sequence[Path]) -> dict | None:
+    """An experiment file's keys with those of the experiments in its defaults list under them (its own keys win, as
+    Hydra composes them without ``_self_``); None when no file is found."""
+    path = _group_file("experiment", choice, search)
+    if path is None:
+        return None
+    node = _plain(OmegaConf.load(path))
+    node.pop("hydra", None)
+    merged: dict = {}
+    for entry in node.pop("defaults", None) or []:
+        if isinstance(entry, str) and entry != "_self_":
+            merged = _merge(merged, _experiment(entry, search) or {})
+    return _merge(merged, node)
+

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Exp 5 (plan): the best setting on 100 images of ImageNet and / or FFHQ, on the TPU.
+# Settings: configs/experiment/exp5_final.yaml; arguments and environment: scripts/suite.sh.
+#   bash commands_tpu/exp5_final.sh --imagenet --ffhq [--embedded] [--dry-run] [key=value ...]
+source "$(dirname "$0")/../scripts/suite.sh" && suite_final tpu "$@"

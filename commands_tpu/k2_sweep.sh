@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The K2 experiment log's section-4 grid on the TPU: the preset and the grid of configs/experiment/k2_sweep.yaml (one
+# Hydra multirun) on images 0-19, then parse_metrics.py --compare of every job against the preset.
+#   bash commands_tpu/k2_sweep.sh --20 [--embedded] [--dry-run] [key=value ...]
+source "$(dirname "$0")/../scripts/suite.sh" && suite_k2_sweep tpu "$@"

@@ -1,0 +1,78 @@
+"""The experiment suite (commands_gpu/, commands_tpu/, scripts/suite.sh): every GPU script's smallest run on the
+embedded priors with tiny sizes, the usage text, the refusal of a bad argument, the dry run (TPU: use_tpu=true and the
+_tpu suffix)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ["exp0_baseline", "exp1_repulsion", "exp2_pruning", "exp3_2particle", "exp4_optimization"]
+SCRIPTS = [*EXPERIMENTS, "exp5_final", "k2_ab", "k2_sweep"]
+SMALLEST = {"exp3_2particle": ["--10"], "exp5_final": ["--ffhq"], "k2_ab": ["--20"], "k2_sweep": ["--20"]}
+TINY = ["sampler.annealing_scheduler_config.num_steps=3", "sampler.diffusion_scheduler_config.num_steps=1",
+        "task.fmnist_ldm.mcmc_sampler_config.num_steps=1", "task.fmnist_pixel.mcmc_sampler_config.num_steps=1",
+        "sampler.hard_dc.max_iters=2", "eval_fn_list=[psnr]", "gpu=-1", "show_progress=false", "save_samples=false"]
+
+
+def suite(script: str, *args: str, device: str = "gpu", save: Path | None = None, **env: str):
+    environment = {**os.environ, "PY": sys.executable, "SAVE_DIR": str(save or "results"), **env}
+    return subprocess.run(["bash", str(ROOT / f"commands_{device}" / f"{script}.sh"), *args], cwd=ROOT,
+                          capture_output=True, text=True, env=environment, timeout=600)
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu"])
+def test_usage_without_arguments_and_refusals(device):
+    for script in SCRIPTS:
+        r = suite(script, device=device)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: bash {script}.sh"), (script, r.stdout, r.stderr)
+        assert "--embedded" in r.stdout and "--dry-run" in r.stdout
+        bad = suite(script, "--1000", device=device)
+        assert bad.returncode == 2 and f"unknown argument --1000" in bad.stderr and "usage:" in bad.stderr
+        assert suite(script, "plain", device=device).returncode == 2
+    assert "unknown argument --1" in suite("exp3_2particle", "--1", device=device).stderr  # no 1-image run
+    only_overrides = suite("exp0_baseline", "batch_size=2", device=device)
+    assert only_overrides.returncode == 2 and "choose at least one of --1 --10 --100" in only_overrides.stderr
+    assert "is not one of" in suite("exp0_baseline", "--1", SUITE_PRIOR="mnist", device=device).stderr
+
+
+def test_dry_run_prints_the_commands_in_order():
+    r = suite("exp2_pruning", "--100", "--1", "--dry-run", "batch_size=4")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2 and all(line.startswith("+ ") for line in lines)
+    assert "data.end_id=1 " in lines[0] and "data.end_id=100 " in lines[1]  # increasing order
+    assert all("+experiment=exp2_pruning" in line and line.endswith("batch_size=4") for line in lines)
+    assert "name=exp2_pruning_1 " in lines[0] and "+model=ffhq256ldm" in lines[0] and "use_tpu=false" in lines[0]
+    tpu = suite("exp2_pruning", "--10", "--embedded", "--dry-run", device="tpu").stdout
+    assert "use_tpu=true" in tpu and "name=exp2_pruning_10_fmnist-ldm_tpu" in tpu and "+model=fmnist32ldm" in tpu
+    final = suite("exp5_final", "--imagenet", "--ffhq", "--dry-run").stdout.splitlines()
+    assert len(final) == 2 and "+model=imagenet256ddpm" in final[0] and "+model=ffhq256ldm" in final[1]
+    k2 = suite("k2_ab", "--20", "--embedded", "--dry-run").stdout
+    assert k2.count("posterior_sample.py") == 3 and k2.count("parse_metrics.py --compare") == 2
+    assert "+model=fmnist32ddpm" in k2
+
+
+def test_every_script_runs_its_smallest_size_on_the_embedded_prior(tmp_path):
+    for script in SCRIPTS:
+        args = SMALLEST.get(script, ["--1"])
+        extra = ["data.end_id=2"] if script in ("exp5_final", "k2_ab", "k2_sweep", "exp3_2particle") else []
+        r = suite(script, *args, "--embedded", *TINY, *extra, save=tmp_path)
+        assert r.returncode == 0, (script, r.stdout[-2000:], r.stderr[-3000:])
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert names == sorted(["exp0_baseline_1_fmnist-ldm", "exp1_repulsion_1_fmnist-ldm", "exp2_pruning_1_fmnist-ldm",
+                            "exp3_2particle_10_fmnist-ldm", "exp4_optimization_1_fmnist-ldm", "exp5_final_fmnist-ldm",
+                            "k2_ab_20_fmnist-pixel", "k2_ab_quality_20_fmnist-pixel", "k2_ab_speed_20_fmnist-pixel",
+                            "k2_sweep_20_fmnist-pixel"])
+    for name in names:
+        if name.startswith("k2_sweep"):
+            assert len(list((tmp_path / name).glob("run*/metrics.json"))) == 18  # the log's 3 x 3 x 2 grid
+            continue
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["status"] == "complete", name
+    assert (tmp_path / "k2_ab_quality_20_fmnist-pixel_compare.md").read_text().strip()
+    assert (tmp_path / "k2_sweep_20_fmnist-pixel_compare.md").read_text().strip()
