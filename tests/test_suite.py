@@ -3,6 +3,7 @@ embedded priors with tiny sizes, the usage text, the refusal of a bad argument, 
 _tpu suffix)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -76,3 +77,19 @@ def test_every_script_runs_its_smallest_size_on_the_embedded_prior(tmp_path):
         assert metrics["status"] == "complete", name
     assert (tmp_path / "k2_ab_quality_20_fmnist-pixel_compare.md").read_text().strip()
     assert (tmp_path / "k2_sweep_20_fmnist-pixel_compare.md").read_text().strip()
+    # the report of this results tree: both tables, their CSVs, the plots there is something for
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite_report.py"), str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = tmp_path / "report"
+    rows = list(csv.DictReader(open(report / "experiments.csv")))
+    assert sorted(row["run"] for row in rows) == sorted(n for n in names if n.startswith("exp"))
+    exp4 = next(row for row in rows if row["run"].startswith("exp4"))
+    assert float(exp4["hard_dc_updates_per_particle"]) > 0 and float(exp4["sampling_sec_per_image"]) > 0
+    k2 = {row["run"]: row for row in csv.DictReader(open(report / "k2_ab.csv"))}
+    assert set(k2) == {"k2_ab_quality_20_fmnist-pixel", "k2_ab_speed_20_fmnist-pixel"}
+    assert all(row["verdict"].startswith(("PASS", "FAIL", "NO VERDICT")) for row in k2.values())
+    for png in ("psnr_vs_time", "pair_distance_vs_sigma", "sigma_vs_level", "success_rate"):
+        assert (report / f"{png}.png").stat().st_size > 1000, png
+    md = (report / "report.md").read_text()
+    assert "oracle" in md and "no run recorded peak memory" in md  # the CPU tracks no peak memory
