@@ -2,7 +2,7 @@
 
     python scripts/parse_metrics.py results/exp0_* [--csv out.csv] [--plot out.png] [--stale-after 10]
     python scripts/parse_metrics.py --compare BASE NEW [--metrics psnr,ssim] [--force] [--format md] [--json out.json]
-    python scripts/parse_metrics.py --modes results/exp1_* results/exp2_* [--csv out.csv]
+    python scripts/parse_metrics.py --modes results/exp1_* results/exp2_* [--csv out.csv] [--split-step S] [--base RUN]
 
 --modes: the plan's Exp 1-3 table instead (phase retrieval's twin-aware fields, utils/twins.py), one row per run:
 psnr_twin_aware best-of-n ("oracle": picked with the ground truth), mean (over images of the per-image mean of the
@@ -12,6 +12,20 @@ images), the non-oracle pick (lowest meas_err particle: modes.pick_psnr_twin_awa
 mean pairwise distance of the final level (events.jsonl: per run and measurement the last level event's
 repulsion.pair_dist mean, then the mean over those), and wall seconds and peak memory (GB) per phase
 (metrics.json timing.phases, peak_memory). A run without twin fields (not phase retrieval) shows "n/a" there.
+Every per-image quantity has its 95% interval over images: the oracle best-of-n, the mean and the pick's PSNR
+(percentile bootstrap of the mean of the per-image values, as for the mean), the pairwise distance (bootstrap over
+measurements), success and coverage (Wilson); "std over particles" is the mean over images of the std of an
+image's particles (aggregate mean_std_over_particles). Times and peak memory are one measurement per run (no
+interval).
+
+    --split-step S   add the wall seconds of the levels before step S and of the levels from step S on, from the
+                     level events' elapsed_sec (events.jsonl; the end is the closing phase event): a run without a
+                     prune (Exp 1) then has a part comparable with the refine phase of a run that prunes before
+                     level S (Exp 2; its part from S includes the prune itself). Summed over (images, run) streams.
+    --base RUN       a second table: each run minus RUN, paired by image index over the images both finished, with
+                     95% percentile bootstrap intervals over those images (10,000 resamples, seed 0): success,
+                     coverage and the pick's success (differences of per-image 0/1), oracle best-of-n, mean and the
+                     pick's psnr_twin_aware; and the discordant images (success in one run only, per side).
 
 A sweep folder (python posterior_sample.py -m ...: run<NNN>/ jobs, multirun.yaml) contributes one row per job,
 with the swept keys as columns (the keys of multirun.yaml's sweep overrides; without it, the config.yaml keys
@@ -253,65 +267,155 @@ def bootstrap_mean(values: list[float]) -> tuple[float, float] | None:
     return tuple(bootstrap(np.asarray(values, dtype=float))) if values else None
 
 
-def final_pair_dist(run: Path) -> float | None:
-    """Mean over measurements (run, image) of the last level event's repulsion.pair_dist mean (events*.jsonl)."""
-    last: dict[tuple[Any, Any], float] = {}
+def events(run: Path) -> list[dict[str, Any]]:
+    """The run's events (events*.jsonl), skipping a line cut by a kill."""
+    out = []
     for path in sorted(run.glob("events*.jsonl")):
         for line in path.read_text().splitlines():
             try:
-                e = json.loads(line)
+                out.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            dist = (e.get("repulsion") or {}).get("pair_dist") if e.get("event") == "level" else None
-            for g, d in (dist or {}).items():
-                images = e.get("images") or []
-                image = images[int(g)] if int(g) < len(images) else g
-                if isinstance(d, dict) and isinstance(d.get("mean"), (int, float)):
-                    last[(e.get("run"), image)] = d["mean"]
-    return sum(last.values()) / len(last) if last else None
+                continue
+    return out
+
+
+def final_pair_dists(run: Path) -> list[float]:
+    """Per measurement (run, image): the last level event's repulsion.pair_dist mean (events*.jsonl)."""
+    last: dict[tuple[Any, Any], float] = {}
+    for e in events(run):
+        dist = (e.get("repulsion") or {}).get("pair_dist") if e.get("event") == "level" else None
+        for g, d in (dist or {}).items():
+            images = e.get("images") or []
+            image = images[int(g)] if int(g) < len(images) else g
+            if isinstance(d, dict) and isinstance(d.get("mean"), (int, float)):
+                last[(e.get("run"), image)] = d["mean"]
+    return list(last.values())
+
+
+def final_pair_dist(run: Path) -> float | None:
+    """Mean over measurements (run, image) of the last level event's repulsion.pair_dist mean (events*.jsonl)."""
+    last = final_pair_dists(run)
+    return sum(last) / len(last) if last else None
+
+
+def split_times(run: Path, step: int) -> tuple[float, float] | None:
+    """(seconds of the levels before ``step``, seconds of the levels from ``step`` on), summed over the (images,
+    run) streams of the level events: the split is the elapsed_sec of the level event of ``step`` - 1 (the stream's
+    start for step 0), the ends are the stream's first event and its closing phase event (else its last level)."""
+    streams: dict[tuple[str, Any], dict[str, float]] = {}
+    for e in events(run):
+        if not isinstance(e.get("elapsed_sec"), (int, float)) or e.get("event") not in ("phase", "level", "prune"):
+            continue
+        t = streams.setdefault((json.dumps(e.get("images")), e.get("run")), {"start": e["elapsed_sec"]})
+        t["start"] = min(t["start"], e["elapsed_sec"])
+        if e["event"] == "level" and e.get("step") == step - 1:
+            t["split"] = e["elapsed_sec"]
+        if e["event"] == "level" or (e["event"] == "phase" and e.get("phase") is None):
+            t["end"] = max(t.get("end", e["elapsed_sec"]), e["elapsed_sec"])
+    if not streams or any("end" not in t for t in streams.values()):
+        return None
+    before = after = 0.0
+    for t in streams.values():
+        split = t.get("split", t["start"] if step <= 0 else t["end"])
+        before, after = before + split - t["start"], after + t["end"] - split
+    return before, after
 
 
 def interval_text(ci: tuple[float, float] | None) -> str | None:
     return None if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
 
 
-def modes_row(run: Path, name: str) -> dict[str, Any]:
+TWIN_COLUMNS = ("psnr_twin_aware_best (oracle)", "oracle 95% CI (bootstrap)", "psnr_twin_aware_mean",
+                "mean 95% CI (bootstrap)", "std over images", "std over particles", "success_rate",
+                "success 95% CI (Wilson)", "coverage_rate", "coverage 95% CI (Wilson)",
+                "pick_psnr_twin_aware (no oracle)", "pick 95% CI (bootstrap)", "pick_success_rate (no oracle)")
+
+
+def twin_images(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    return [img for img in metrics.get("images") or [] if "modes" in img]
+
+
+def scored(img: dict[str, Any], kind: str) -> float | None:
+    """An image's psnr_twin_aware of its particles (``kind`` "mean" or "best", the oracle), or its pick's."""
+    if kind == "pick":
+        return (img["modes"].get("pick") or {}).get("psnr_twin_aware")
+    stats = (img.get("summary") or {}).get("psnr_twin_aware") or {}
+    return stats.get(kind) if stats.get("n") else None
+
+
+def modes_row(run: Path, name: str, split_step: int | None = None) -> dict[str, Any]:
     """The Exp 1-3 row of a run (see --modes in the module docstring)."""
     metrics = read_json(run / "metrics.json")
     out: dict[str, Any] = {"run": name, "status": metrics.get("status", "unknown"),
                            "images": metrics.get("num_images_done")}
     modes = metrics.get("modes")
-    twin = [img for img in metrics.get("images") or [] if "modes" in img]
+    twin = twin_images(metrics)
     if not modes or not twin:
-        out.update({k: NA for k in ("psnr_twin_aware_best (oracle)", "psnr_twin_aware_mean", "mean 95% CI (bootstrap)",
-                                    "std over images", "success_rate", "success 95% CI (Wilson)", "coverage_rate",
-                                    "pick_psnr_twin_aware (no oracle)", "pick_success_rate (no oracle)")})
+        out.update({k: NA for k in TWIN_COLUMNS})
     else:
-        per_image = [img["summary"]["psnr_twin_aware"]["mean"] for img in twin
-                     if (img.get("summary") or {}).get("psnr_twin_aware", {}).get("n")]
+        per_image = {kind: [v for v in (scored(img, kind) for img in twin) if v is not None]
+                     for kind in ("best", "mean", "pick")}
         n = modes["images"]
-        out["psnr_twin_aware_best (oracle)"] = ((metrics.get("aggregate") or {}).get("psnr_twin_aware") or {}).get(
-            "best_of_n")
-        out["psnr_twin_aware_mean"] = float(np.mean(per_image)) if per_image else None
-        out["mean 95% CI (bootstrap)"] = interval_text(bootstrap_mean(per_image))
-        out["std over images"] = float(np.std(per_image)) if per_image else None
+        aggregate = (metrics.get("aggregate") or {}).get("psnr_twin_aware") or {}
+        out["psnr_twin_aware_best (oracle)"] = aggregate.get("best_of_n")
+        out["oracle 95% CI (bootstrap)"] = interval_text(bootstrap_mean(per_image["best"]))
+        out["psnr_twin_aware_mean"] = float(np.mean(per_image["mean"])) if per_image["mean"] else None
+        out["mean 95% CI (bootstrap)"] = interval_text(bootstrap_mean(per_image["mean"]))
+        out["std over images"] = float(np.std(per_image["mean"])) if per_image["mean"] else None
+        out["std over particles"] = aggregate.get("mean_std_over_particles")
         out["success_rate"] = modes["success_rate"]
         out["success 95% CI (Wilson)"] = interval_text(wilson(sum(bool(img["modes"]["success"]) for img in twin), n))
         out["coverage_rate"] = modes["coverage_rate"]
+        out["coverage 95% CI (Wilson)"] = interval_text(wilson(sum(bool(img["modes"]["coverage"]) for img in twin),
+                                                               n))
         out["pick_psnr_twin_aware (no oracle)"] = modes["pick_psnr_twin_aware"]
+        out["pick 95% CI (bootstrap)"] = interval_text(bootstrap_mean(per_image["pick"]))
         out["pick_success_rate (no oracle)"] = modes["pick_success_rate"]
-    out["pair_dist (final level)"] = final_pair_dist(run)
+    dists = final_pair_dists(run)
+    out["pair_dist (final level)"] = sum(dists) / len(dists) if dists else None
+    out["pair_dist 95% CI (bootstrap)"] = interval_text(bootstrap_mean(dists))
     for phase, rec in ((metrics.get("timing") or {}).get("phases") or {}).items():
         out[f"{phase}_sec"] = rec.get("wall_sec") if isinstance(rec, dict) else None
     for phase, peak in (metrics.get("peak_memory") or {}).items():
         out[f"peak_{phase}_GB"] = peak / 1e9 if isinstance(peak, (int, float)) else None
+    if split_step is not None:
+        split = split_times(run, split_step)
+        out[f"levels<{split_step}_sec"], out[f"levels>={split_step}_sec"] = split or (None, None)
     return out
 
 
-def modes_table(paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+def modes_table(paths: list[Path], split_step: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows, columns) of the Exp 1-3 table for the runs under the given folders."""
-    rows = [modes_row(r, job_name(r)) for _, runs in find_runs(paths) for r in runs]
+    rows = [modes_row(r, job_name(r), split_step) for _, runs in find_runs(paths) for r in runs]
     return rows, list(dict.fromkeys(k for r in rows for k in r))
+
+
+def paired_modes_row(base: dict[str, Any], run: Path, name: str) -> dict[str, Any]:
+    """--base: ``run`` minus BASE (its metrics.json), paired by image index (see the module docstring)."""
+    out: dict[str, Any] = {"run": name}
+    b, n = ({img["index"]: img for img in twin_images(m)} for m in (base, read_json(run / "metrics.json")))
+    common = sorted(b.keys() & n.keys())
+    out["images"] = len(common)
+    if not common:
+        return out
+
+    def pick_success(img: dict[str, Any]) -> bool:
+        return ((img["modes"].get("pick") or {}).get("mode") or "none") != "none"
+
+    for label, get in (("success", lambda img: bool(img["modes"]["success"])),
+                       ("coverage", lambda img: bool(img["modes"]["coverage"])),
+                       ("pick success (no oracle)", pick_success)):
+        d = np.array([float(get(n[i])) - float(get(b[i])) for i in common])
+        out[f"d {label}"], out[f"d {label} 95% CI"] = float(d.mean()), interval_text(tuple(bootstrap(d)))
+    for label, kind in (("oracle best", "best"), ("mean", "mean"), ("pick psnr (no oracle)", "pick")):
+        pairs = [(scored(b[i], kind), scored(n[i], kind)) for i in common]
+        d = np.array([y - x for x, y in pairs if x is not None and y is not None])
+        out[f"d {label}"] = float(d.mean()) if d.size else None
+        out[f"d {label} 95% CI"] = interval_text(tuple(bootstrap(d))) if d.size else None
+    only = [sum(bool(x[i]["modes"]["success"]) and not y[i]["modes"]["success"] for i in common) for x, y in ((n, b),
+                                                                                                        (b, n))]
+    out["success: only run / only BASE"] = f"{only[0]} / {only[1]}"
+    return out
 
 
 def fmt(v) -> str:
@@ -672,6 +776,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, metavar="OUT", help="with --compare: also write the comparison as JSON")
     ap.add_argument("--modes", action="store_true",
                     help="the Exp 1-3 table (twin-aware success, coverage, non-oracle pick, distance, phases)")
+    ap.add_argument("--split-step", type=int, metavar="S",
+                    help="with --modes: wall seconds of the levels before step S and from S on (events.jsonl)")
+    ap.add_argument("--base", type=Path, metavar="RUN",
+                    help="with --modes: a second table, each run minus RUN paired by image, bootstrap intervals")
     args = ap.parse_args()
     if args.compare:
         if args.runs or args.csv or args.plot:
@@ -687,13 +795,25 @@ def main() -> None:
         ap.error("give results folders, or --compare BASE NEW")
     if args.metrics is not None or args.force or args.json:
         ap.error("--metrics, --force and --json go with --compare")
+    if (args.split_step is not None or args.base) and not args.modes:
+        ap.error("--split-step and --base go with --modes")
     if args.modes:
         if args.plot:
             ap.error("--plot does not go with --modes")
-        rows, cols = modes_table(args.runs)
+        rows, cols = modes_table(args.runs, args.split_step)
         print(render(cols, [[r.get(c) for c in cols] for r in rows], args.format or "md"))
         print("\noracle: best-of-n picked with the ground truth; pick: the lowest-meas_err particle (no oracle). "
-              "Mean PSNR CI: percentile bootstrap over images; success CI: Wilson score interval over images.")
+              "PSNR and distance CIs: percentile bootstrap of the mean over images (measurements); success and "
+              "coverage CIs: Wilson score interval over images.")
+        if args.base:
+            if not is_run(args.base):
+                ap.error(f"--base {args.base}: not a results folder")
+            base = read_json(args.base / "metrics.json")
+            paired_rows = [paired_modes_row(base, r, job_name(r)) for _, runs in find_runs(args.runs) for r in runs]
+            paired_cols = list(dict.fromkeys(k for r in paired_rows for k in r))
+            print(f"\npaired by image index, run - BASE ({args.base}); 95% CI: percentile bootstrap over the common "
+                  "images; success counts: images where only one side succeeded\n")
+            print(render(paired_cols, [[r.get(c) for c in paired_cols] for r in paired_rows], args.format or "md"))
         if args.csv:
             with open(args.csv, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=cols)

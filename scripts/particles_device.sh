@@ -11,8 +11,11 @@
 #
 # RUNS: "all", "px" or "ldm" (one prior), or run names (e.g. "px_exp0 px_exp2"). GPU and PY from the environment.
 # Each run writes SAVE_DIR/<name>/ and SAVE_DIR/<name>.txt; "<name> rc=<code> wall_sec=<s>" goes to stdout and
-# SAVE_DIR/walltimes.txt. The table: python scripts/parse_metrics.py SAVE_DIR/*/ (mode-aware columns for phase
-# retrieval).
+# SAVE_DIR/walltimes.txt. The table: python scripts/parse_metrics.py --modes SAVE_DIR/px_* --split-step 162 (and
+# SAVE_DIR/ldm_* --split-step 33; --base RUN for paired differences).
+# Measured on one H100 (docs/particles.md), wall seconds per process, start-up and scoring included: px 156-297 (exp0
+# 229, exp1 297, exp2 249, exp3 156), ldm 94-117; run-to-run time varies by up to ~25% between device calls. A
+# 600-second device call holds two px runs and one ldm run, or five ldm runs.
 set -u
 SAVE=${1:?usage: particles_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
 N=${2:?usage: particles_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
