@@ -185,8 +185,10 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def swept_keys(sweep: Path, configs: list[dict[str, Any]]) -> list[str]:
     """Config keys (dotted) that the sweep varies, in the order of its command line.
 
-    The sweep overrides of multirun.yaml name them; a swept config group (+sampler=a,b) stands for the keys under
-    it that differ between the jobs. Without multirun.yaml: every key whose value differs between the jobs.
+    The sweep overrides of multirun.yaml name them (the command line's, then those of the sweeper's ``params``, which
+    an experiment config can set: configs/experiment/k2_sweep.yaml); a swept config group (+sampler=a,b) stands for
+    the keys under it that differ between the jobs. Without multirun.yaml: every key whose value differs between the
+    jobs.
     """
     keys = list(dict.fromkeys(k for c in configs for k in c))
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
@@ -195,7 +197,9 @@ def swept_keys(sweep: Path, configs: list[dict[str, Any]]) -> list[str]:
         return differ
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = yaml.safe_load(multirun.read_text())["hydra"]["overrides"]["task"]
+    hydra = yaml.safe_load(multirun.read_text())["hydra"]
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    overrides = [*hydra["overrides"]["task"], *(f"{k}={v}" for k, v in params.items())]
     cols = []
     for o in OverridesParser.create().parse_overrides(overrides):
         if o.is_sweep_override():

@@ -76,7 +76,8 @@ def test_every_script_runs_its_smallest_size_on_the_embedded_prior(tmp_path):
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["status"] == "complete", name
     assert (tmp_path / "k2_ab_quality_20_fmnist-pixel_compare.md").read_text().strip()
-    assert (tmp_path / "k2_sweep_20_fmnist-pixel_compare.md").read_text().strip()
+    swept = (tmp_path / "k2_sweep_20_fmnist-pixel_compare.md").read_text()  # the grid's keys, from k2_sweep.yaml
+    assert "| job | target_cess | max_step_factor | ema_alpha |" in swept
     # the report of this results tree: both tables, their CSVs, the plots there is something for
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite_report.py"), str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
