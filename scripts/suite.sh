@@ -10,13 +10,15 @@
 # Arguments: --1 / --10 / --100 (any combination, run in increasing order), --embedded (the embedded Fashion-MNIST
 # latent prior, or the pixel one for the K2 scripts, instead of the official checkpoints: no downloads), --dry-run
 # (print the commands only), and Hydra overrides (anything with "="), passed through to every command. Anything else is
-# refused. Environment: SUITE_PRIOR (one of SUITE_PRIORS; default ffhq-ldm, ffhq-pixel for the K2 scripts), PY
+# refused. Environment: SUITE_PRIOR (one of SUITE_PRIORS; default imagenet-ldm, the plan's, for Exp 0-4, the dataset's
+# LDM for Exp 5, ffhq-pixel for the K2 scripts, the log's), PY
 # (python3), SAVE_DIR (results). Results: $SAVE_DIR/<exp>_<N>[_<prior>][_tpu]/.
 
-SUITE_PRIORS="ffhq-ldm ffhq-pixel imagenet-pixel fmnist-ldm fmnist-pixel"
+SUITE_PRIORS="imagenet-ldm ffhq-ldm ffhq-pixel imagenet-pixel fmnist-ldm fmnist-pixel"
 
 suite_groups() {  # suite_groups PRIOR: data, model, sampler and task group of a prior
     case $1 in
+        imagenet-ldm) echo "+data=test-imagenet +model=imagenet256ldm +sampler=latent_edm_daps task_group=ldm" ;;
         ffhq-ldm) echo "+data=test-ffhq +model=ffhq256ldm +sampler=latent_edm_daps task_group=ldm" ;;
         ffhq-pixel) echo "+data=test-ffhq +model=ffhq256ddpm +sampler=edm_daps task_group=pixel_hmc" ;;
         imagenet-pixel) echo "+data=test-imagenet +model=imagenet256ddpm +sampler=edm_daps task_group=pixel" ;;
@@ -34,7 +36,7 @@ suite_usage() {  # suite_usage SCRIPT FLAGS...: the usage text
             --1) echo "  --1        : 1 image sanity check" ;;
             --10) echo "  --10       : 10 images main experiment" ;;
             --100) echo "  --100      : 100 images final eval" ;;
-            --imagenet) echo "  --imagenet : ImageNet 100 images (the pixel ADM: the ImageNet LDM is not supported yet)" ;;
+            --imagenet) echo "  --imagenet : ImageNet 100 images (the ImageNet LDM)" ;;
             --ffhq) echo "  --ffhq     : FFHQ 100 images (the FFHQ LDM)" ;;
             --20) echo "  --20       : images 0-19 (the K2 log's slice)" ;;
         esac
@@ -71,7 +73,7 @@ suite_parse() {  # suite_parse SCRIPT "FLAGS" DEFAULT ARGS...: sets SUITE_CHOSEN
                exit 2 ;;
         esac
     done
-    if ! suite_groups "$SUITE_PRIOR" > /dev/null; then
+    if [ "$SUITE_PRIOR" != dataset-ldm ] && ! suite_groups "$SUITE_PRIOR" > /dev/null; then
         echo "$script: SUITE_PRIOR=$SUITE_PRIOR is not one of: $SUITE_PRIORS" >&2
         exit 2
     fi
@@ -108,24 +110,24 @@ suite() {  # suite EXP DEVICE "SIZES" ARGS...
     local exp=$1 device=$2 sizes=$3; shift 3
     local flags="" n
     for n in $sizes; do flags="$flags --$n"; done
-    suite_parse "$(basename "$0")" "${flags# }" ffhq-ldm "$@"
+    suite_parse "$(basename "$0")" "${flags# }" imagenet-ldm "$@"
     for n in $sizes; do  # increasing order, whatever the order given
         [[ " ${SUITE_CHOSEN[*]} " == *" --$n "* ]] || continue
         # shellcheck disable=SC2046
-        suite_exec "$(suite_name "${exp}_${n}" "$SUITE_PRIOR" ffhq-ldm "$device")" $(suite_groups "$SUITE_PRIOR") +task=phase_retrieval \
+        suite_exec "$(suite_name "${exp}_${n}" "$SUITE_PRIOR" imagenet-ldm "$device")" $(suite_groups "$SUITE_PRIOR") +task=phase_retrieval \
             "+experiment=$exp" data.start_id=0 "data.end_id=$n" "$(suite_device "$device")"
     done
 }
 
 suite_final() {  # suite_final DEVICE ARGS...: Exp 5 on 100 images of each dataset chosen (an embedded prior: once)
     local device=$1; shift
-    suite_parse "$(basename "$0")" "--imagenet --ffhq" ffhq-ldm "$@"
+    suite_parse "$(basename "$0")" "--imagenet --ffhq" dataset-ldm "$@"
     local flag prior default base
     for flag in --imagenet --ffhq; do
         [[ " ${SUITE_CHOSEN[*]} " == *" $flag "* ]] || continue
-        [ "$flag" = --imagenet ] && default=imagenet-pixel || default=ffhq-ldm
+        [ "$flag" = --imagenet ] && default=imagenet-ldm || default=ffhq-ldm
         prior=$SUITE_PRIOR
-        [ "$prior" = ffhq-ldm ] && prior=$default  # the dataset flag picks the official prior
+        [ "$prior" = dataset-ldm ] && prior=$default  # the dataset flag picks its LDM
         base="exp5_final_${flag#--}"
         [[ $prior == fmnist-* ]] && base=exp5_final  # test-fmnist for either flag: one run
         # shellcheck disable=SC2046

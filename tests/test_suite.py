@@ -48,11 +48,12 @@ def test_dry_run_prints_the_commands_in_order():
     assert r.returncode == 0 and len(lines) == 2 and all(line.startswith("+ ") for line in lines)
     assert "data.end_id=1 " in lines[0] and "data.end_id=100 " in lines[1]  # increasing order
     assert all("+experiment=exp2_pruning" in line and line.endswith("batch_size=4") for line in lines)
-    assert "name=exp2_pruning_1 " in lines[0] and "+model=ffhq256ldm" in lines[0] and "use_tpu=false" in lines[0]
+    assert "name=exp2_pruning_1 " in lines[0] and "+model=imagenet256ldm" in lines[0] and "use_tpu=false" in lines[0]
     tpu = suite("exp2_pruning", "--10", "--embedded", "--dry-run", device="tpu").stdout
     assert "use_tpu=true" in tpu and "name=exp2_pruning_10_fmnist-ldm_tpu" in tpu and "+model=fmnist32ldm" in tpu
     final = suite("exp5_final", "--imagenet", "--ffhq", "--dry-run").stdout.splitlines()
-    assert len(final) == 2 and "+model=imagenet256ddpm" in final[0] and "+model=ffhq256ldm" in final[1]
+    assert len(final) == 2 and "+model=imagenet256ldm" in final[0] and "+model=ffhq256ldm" in final[1]
+    assert final[0].endswith("name=exp5_final_imagenet") and final[1].endswith("name=exp5_final_ffhq")
     k2 = suite("k2_ab", "--20", "--embedded", "--dry-run").stdout
     assert k2.count("posterior_sample.py") == 3 and k2.count("parse_metrics.py --compare") == 2
     assert "+model=fmnist32ddpm" in k2
