@@ -32,7 +32,7 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from cores.noise import ParticleNoise, measurement_seed, particle_seed
+from cores.noise import measurement_seed, particle_noise, particle_seed
 from sampler import ParticleId, start_particles
 from utils import folder
 from utils.build import RunParts, UserError, build_run, results_folder, sweep_job
@@ -228,7 +228,7 @@ class Run:
             else:
                 ids = [ParticleId(it.index, run, run * ns + j) for it in items for j in range(ns)]
                 group = [position[pid.image] for pid in ids]
-                noise = ParticleNoise([particle_seed(cfg.seed, pid.image, pid.sample) for pid in ids], dev)
+                noise = particle_noise(cfg.noise, [particle_seed(cfg.seed, pid.image, pid.sample) for pid in ids], dev)
                 x_start = parts.sampler.initial_state(noise, parts.model.in_shape, dev)
                 labels = None
                 if parts.model.class_conditional:

@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from cores.models import Denoiser, build_model
+from cores.noise import NOISE
 from cores.operators import Operator, build_operator
 from sampler import DAPS, build_sampler
 from utils.config import CONFIGS, check_composed, check_experiment_order
@@ -131,6 +132,8 @@ def check_counts(cfg: DictConfig) -> None:
     for key in ("num_samples", "num_runs", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg.noise not in NOISE:
+        raise UserError(f"noise must be one of {', '.join(NOISE)}, got {cfg.noise!r}")
 
 
 def sweep_job() -> bool:

@@ -1,0 +1,33 @@
+"""scripts/bench_daps.py: A/B runs alternate, each side's overrides reach its runs, the table and the JSON hold every
+run, the medians and the ratio; a non-empty save folder is refused."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ("+data=test-fmnist +model=fmnist32ddpm +sampler=edm_daps +task=phase_retrieval task_group=fmnist_pixel "
+          "data.end_id=1 batch_size=1 num_samples=2 sampler.annealing_scheduler_config.num_steps=2 "
+          "sampler.diffusion_scheduler_config.num_steps=1 task.fmnist_pixel.mcmc_sampler_config.num_steps=2 "
+          "eval_fn_list=[psnr] gpu=-1 save_samples=false")
+
+
+def bench(tmp_path, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_daps.py"), "--common", COMMON, "--a",
+                           "noise=generator", "--b", "noise=counter", "--repeats", "1", "--save", str(tmp_path / "s"),
+                           "--json", str(tmp_path / "b.json"), *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bench_alternates_and_reports(tmp_path):
+    r = bench(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert [len(out["runs"][s]) for s in "AB"] == [1, 1] and "| B / A |" in r.stdout
+    for side, kind in (("A", "generator"), ("B", "counter")):
+        config = (tmp_path / "s" / f"{side}_0" / "run" / "config.yaml").read_text()
+        assert f"noise: {kind}" in config
+        assert out["runs"][side][0]["sampling_s_per_particle"] > 0 and out["runs"][side][0]["particle_nfe_per_s"] > 0
+    assert out["ratio"]["sampling_s_per_image"] > 0
+    again = bench(tmp_path)
+    assert again.returncode != 0 and "is not empty" in again.stderr
