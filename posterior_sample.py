@@ -250,7 +250,7 @@ class Run:
             for row, pid in enumerate(map(ParticleId._make, out["ids"])):
                 stopped = (out["status"][row], out["stopped_at"][row])
                 found = {"pruned_x0hat": out["pruned"].get(row), "parent": out["parents"].get(row),
-                         "hard_dc": out["hard_dc"].get(row)}
+                         "hard_dc": out.get("hard_dc", {}).get(row)}
                 samples[pid.image][pid.sample] = (pid, out["x"][row].to(dev), stopped, found)
         for i, it in enumerate(items):
             done = [samples[it.index][k] for k in sorted(samples[it.index])]

@@ -151,8 +151,8 @@ class Found:
 
     @classmethod
     def from_state(cls, saved: dict[str, Any]) -> "Found":
-        return cls(saved["pruned_at"], dict(saved["pruned"]), dict(saved["parents"]),
-                   {k: dict(v) for k, v in saved["hard_dc"].items()}, saved["hard_dc_sec"])
+        return cls(saved["pruned_at"], dict(saved["pruned"]), dict(saved["parents"]),  # checkpoints before Exp 4: none
+                   {k: dict(v) for k, v in saved.get("hard_dc", {}).items()}, saved.get("hard_dc_sec", 0.0))
 
     def add_dc(self, rows: list[int], host: dict[str, list], sec: float) -> None:
         """Add one level's optimisation (host lists, one entry per particle of ``rows``) to each particle's record:
@@ -369,7 +369,7 @@ class DAPS:
             if optimizing and self.hard_dc.due(step, dc_first):
                 dc, take = self.optimise(state, loss_rows, out, x0hat)
                 view = take.view(-1, *([1] * (out.x.dim() - 1)))
-                x0y, level_loss = torch.where(view, dc.x, out.x), torch.where(take, dc.loss_after, dc.loss_before)
+                x0y, level_loss = torch.where(view, dc.x, out.x), torch.where(take, dc.loss_after, out.loss)
             # 4. the level's statistics, with those the schedule asks for: the one host synchronisation of the level
             extra = {} if tilt is None else {"bandwidth": tilt.h, "gamma": tilt.gamma, "force_ratio": ratio}
             if dc is not None:
@@ -481,7 +481,11 @@ class DAPS:
             for pos, slot in slots.items():
                 new.ids[pos], new.row[pos] = state.ids[slot], state.row[slot]
                 status[state.row[slot]], stopped_at[state.row[slot]] = "ok", None
-                found.parents[state.row[slot]] = str(state.ids[clones[pos - len(kept_all)][0]])
+                parent = clones[pos - len(kept_all)][0]
+                found.parents[state.row[slot]] = str(state.ids[parent])
+                found.hard_dc.pop(state.row[slot], None)  # the clone carries its parent's record, not the dropped one's
+                if state.row[parent] in found.hard_dc:
+                    found.hard_dc[state.row[slot]] = dict(found.hard_dc[state.row[parent]])
             if isinstance(state.noise, ParticleNoise):
                 new.noise = new.noise.reseed({pos: branch_seed(state.noise.seeds[slot], 1) for pos, slot in slots.items()})
         found.pruned_at = step

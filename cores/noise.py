@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.device import eager_device
+from utils.device import allow_sync, eager_device
 
 
 def _derived_seed(entropy: int, key: tuple[int, int]) -> int:
@@ -131,11 +131,17 @@ class CounterNoise(ParticleNoise):
     the moments, normality, uniformity and independence across particles and draws.
     """
 
-    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu",
+                 counters: Sequence[int] | None = None):
         self.device = torch.device(device)
-        self.gen_device = self.device
         self.seeds = [int(s) for s in seeds]
-        self.counters = [0] * len(self.seeds)
+        self.counters = [0] * len(self.seeds) if counters is None else [int(c) for c in counters]
+        # on the device once: the seeds' halves and the counters, so that a draw needs no host-to-device copy
+        with allow_sync():
+            halves = torch.tensor([[s & MASK32, (s >> 32) & MASK32] for s in self.seeds], dtype=torch.int64)
+            self._halves = halves.reshape(-1, 2).to(self.device)
+            self._count = torch.tensor(self.counters, dtype=torch.int64).to(self.device)
+        self._elements: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -144,13 +150,12 @@ class CounterNoise(ParticleNoise):
         """``count`` uniforms per particle in (0, 1) (float64 holding 24-bit values); advances every counter."""
         if max(self.counters, default=0) >= 2**32:
             raise RuntimeError("CounterNoise: a particle made 2^32 draws; its stream would repeat")
-        seeds = torch.tensor(self.seeds, dtype=torch.int64)
-        counters = torch.tensor(self.counters, dtype=torch.int64)
-        k1 = hash32((seeds & MASK32) ^ hash32(counters))
-        k2 = hash32(((seeds >> 32) & MASK32) ^ hash32(k1))
-        j = hash32(torch.arange(count, dtype=torch.int64))
-        keys = torch.stack([k1, k2]).to(self.device)
-        h = hash32(hash32(keys[0][:, None] ^ j.to(self.device)[None, :]) ^ keys[1][:, None])
+        if count not in self._elements:  # h(j) of the element indices, per draw size
+            self._elements[count] = hash32(torch.arange(count, dtype=torch.int64, device=self.device))
+        k1 = hash32(self._halves[:, 0] ^ hash32(self._count))
+        k2 = hash32(self._halves[:, 1] ^ hash32(k1))
+        h = hash32(hash32(k1[:, None] ^ self._elements[count][None, :]) ^ k2[:, None])
+        self._count = self._count + 1
         self.counters = [c + 1 for c in self.counters]
         return ((h >> 8).to(torch.float64) + 0.5) / 2**24
 
@@ -173,18 +178,16 @@ class CounterNoise(ParticleNoise):
     def load_state_dict(self, saved: dict) -> None:
         if saved["seeds"] != self.seeds or saved["device"] != "counter":
             raise ValueError("noise state of other particles or of another kind of stream")
-        self.counters = list(saved["counters"])
+        self.__init__(self.seeds, self.device, saved["counters"])
 
     def select(self, keep: Sequence[int]) -> "CounterNoise":
-        new = CounterNoise([self.seeds[i] for i in keep], self.device)
-        new.counters = [self.counters[i] for i in keep]
-        return new
+        return CounterNoise([self.seeds[i] for i in keep], self.device, [self.counters[i] for i in keep])
 
     def reseed(self, seeds: dict[int, int]) -> "CounterNoise":
-        new = self.select(range(len(self)))
+        new_seeds, counters = list(self.seeds), list(self.counters)
         for pos, seed in seeds.items():
-            new.seeds[pos], new.counters[pos] = int(seed), 0
-        return new
+            new_seeds[pos], counters[pos] = int(seed), 0
+        return CounterNoise(new_seeds, self.device, counters)
 
 
 NOISE = {"generator": ParticleNoise, "counter": CounterNoise}

@@ -31,7 +31,8 @@ variance 40 (1 - abar') / (1 - abar) (1 - abar / abar') written in the variance-
 
     x' = (g x* + sigma'^2 x_u) / (g + sigma'^2) + sqrt(g sigma'^2 / (g + sigma'^2)) n.
 
-After the last level there is no noise: both give x*. Repulsion is off from ``step`` on (the plan's Phase 3).
+After the last level there is no noise: both give x*. A next level not below this one (a K2 reheat) has g = 0, which
+would discard x*: there the map back is ``continue``. Repulsion is off from ``step`` on (the plan's Phase 3).
 """
 from __future__ import annotations
 
@@ -97,7 +98,10 @@ class HardDC(SubConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "max_iters" else 1):
                 raise ValueError(f"{where}.{key} must be an integer >= {0 if key == 'max_iters' else 1}, got {value!r}")
-        for key in ("tol", "weight_decay", "proximity", "resample_scale") + (("lr",) if self.lr is not None else ()):
+        if not self.resample_scale > 0:
+            raise ValueError(f"{where}.resample_scale must be > 0 (0 would discard every optimisation), got "
+                             f"{self.resample_scale!r}; map_back=continue uses the optimised state as it is")
+        for key in ("tol", "weight_decay", "proximity") + (("lr",) if self.lr is not None else ()):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
                 raise ValueError(f"{where}.{key} must be a finite number >= 0, got {value!r}")
@@ -139,7 +143,7 @@ class HardDC(SubConfig):
         x = x_start.detach().clone()
         m = moments["m"].clone() if moments else torch.zeros_like(x)
         v = moments["v"].clone() if moments else torch.zeros_like(x)
-        t = moments["t"].clone() if moments else torch.zeros(n, device=dev, dtype=x.dtype)
+        t = moments["t"].clone() if moments else torch.zeros(n, device=dev, dtype=torch.float32)
         d = x[0].numel()
         steps = torch.zeros(n, dtype=torch.long, device=dev)
         stop = torch.full((n,), -1, dtype=torch.long, device=dev)
@@ -189,7 +193,7 @@ class HardDC(SubConfig):
             tr = t[rows] + move.to(t.dtype)
             mr = torch.where(mk, BETAS[0] * m[rows] + (1 - BETAS[0]) * grad, m[rows])
             vr = torch.where(mk, BETAS[1] * v[rows] + (1 - BETAS[1]) * grad * grad, v[rows])
-            tb = tr.clamp_min(1).view(-1, *([1] * (x.dim() - 1)))
+            tb = tr.clamp_min(1).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
             step_x = (mr / (1 - BETAS[0] ** tb)) / ((vr / (1 - BETAS[1] ** tb)).sqrt() + EPS)
             xn = xr.detach() * (1 - lr * wd) - lr * step_x
             if self.trust_radius is not None:
@@ -221,11 +225,11 @@ class HardDC(SubConfig):
         draws what DAPS alone draws, so its trajectory is DAPS's."""
         if next_sigma is None:
             return x0
-        if self.map_back == "continue" or self.accept == "never":
+        g, s2 = self.resample_variance(sigma, next_sigma), next_sigma ** 2
+        if self.map_back == "continue" or self.accept == "never" or g == 0:  # g = 0: a level not below the last
             return x0 + next_sigma * randn_like(x0)
         view = take.view(-1, *([1] * (x0.dim() - 1)))
         x_u = x_daps + next_sigma * randn_like(x_daps)
-        g, s2 = self.resample_variance(sigma, next_sigma), next_sigma ** 2
         blended = (g * x0 + s2 * x_u) / (g + s2) + math.sqrt(g * s2 / (g + s2)) * randn_like(x_u)
         return torch.where(view, blended, x_u)
 

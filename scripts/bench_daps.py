@@ -10,12 +10,14 @@ utils configs scripts | tar -x -C DIR``, with ``checkpoints`` and ``dataset`` li
 run is ``posterior_sample.py <common> <side overrides> save_dir=<save>/<side>_<k> name=run``; its timing.json gives:
 
 - sampling s / image and s / particle (the sampler's wall time up to each finished image, start-up and scoring out),
-- end-to-end s (the process, start-up and result writing included) and its share outside sampling,
+- end-to-end s (the process, start-up and result writing included), and the time outside sampling (start-up,
+  scoring, writing) as a fraction of the sampling time,
 - peak memory (the largest over the phases; None on the CPU),
 - particle network evaluations per second of sampling.
 
-Printed: every run, then the medians per side and the ratio B / A of each. The timings of the two sides are
-comparable only within one call of one device (alternation spreads drifts over both).
+Printed: every run, then the medians per side and the ratio B / A of each. The order alternates A B, B A, A B, ...
+so that neither side always runs first (a cold start, a drift). The timings of the two sides are comparable only
+within one call of one device.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ("sampling_s_per_image", "sampling_s_per_particle", "end_to_end_s", "outside_sampling_share", "peak_GB",
+FIELDS = ("sampling_s_per_image", "sampling_s_per_particle", "end_to_end_s", "outside_vs_sampling", "peak_GB",
           "particle_nfe_per_s")
 
 
@@ -47,7 +49,7 @@ def measure(code: Path, overrides: list[str], save: Path) -> dict[str, Any]:
     particles = images * timing["particles_per_image"]
     peaks = [p["peak_memory_bytes"] for p in timing["phases"].values() if "peak_memory_bytes" in p]
     return {"sampling_s_per_image": timing["sampling_per_image_sec"], "sampling_s_per_particle": sampling / particles,
-            "end_to_end_s": wall, "outside_sampling_share": (wall - sampling) / wall,
+            "end_to_end_s": wall, "outside_vs_sampling": (wall - sampling) / sampling if sampling else None,
             "peak_GB": max(peaks) / 1e9 if peaks else None,
             "particle_nfe_per_s": timing["particle_network_evals"] / sampling if sampling else None}
 
@@ -78,7 +80,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     print("| side | repeat | " + " | ".join(FIELDS) + " |\n|" + "---|" * (len(FIELDS) + 2))
     for k in range(args.repeats):
-        for side, (code, overrides) in sides.items():
+        for side in ("A", "B") if k % 2 == 0 else ("B", "A"):
+            code, overrides = sides[side]
             row = measure(code, overrides, args.save.resolve() / f"{side}_{k}")
             runs[side].append(row)
             print(f"| {side} | {k} | " + " | ".join("n/a" if row[f] is None else f"{row[f]:.4g}" for f in FIELDS) + " |",

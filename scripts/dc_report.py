@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parse_metrics import bootstrap, wilson  # noqa: E402
+from parse_metrics import bootstrap, events, split_times, wilson  # noqa: E402
 
 HIGHER = {"psnr": True, "ssim": True, "lpips": False, "meas_err": False, "psnr_twin_aware": True}
 
@@ -88,10 +88,16 @@ def phase(run: dict[str, Any], name: str) -> dict[str, Any]:
 
 def cost(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Sampling time, the after-start phase (BASE refine, NEW optimize) and NEW's optimisation counts."""
-    out = {"base_sampling_sec": base["timing"].get("sampling_wall_sec"),
+    start = next((e["step"] for e in events(new["path"]) if e.get("event") == "phase" and e.get("phase") == "optimize"),
+                 None)
+    out = {"start_step": start, "base_from_start_sec": None, "new_from_start_sec": None,
+           "base_sampling_sec": base["timing"].get("sampling_wall_sec"),
            "new_sampling_sec": new["timing"].get("sampling_wall_sec"),
            "base_refine": phase(base, "refine"), "new_optimize": phase(new, "optimize"),
            "hard_dc": new["metrics"].get("hard_dc")}
+    if start is not None:  # the same levels in both runs: from the optimisation's first level on
+        out["base_from_start_sec"] = (split_times(base["path"], start) or (None, None))[1]
+        out["new_from_start_sec"] = (split_times(new["path"], start) or (None, None))[1]
     if not out["hard_dc"]:
         sys.exit(f"dc_report: NEW ({new['path']}) ran no hard data consistency (metrics.json has no hard_dc): "
                  "give the Exp 4 run as NEW")
@@ -182,6 +188,8 @@ def markdown(base: dict[str, Any], new: dict[str, Any], rows: list[dict[str, Any
     gib = lambda rec: num(rec["peak_memory_bytes"] / 2**30, 2) if "peak_memory_bytes" in rec else "n/a"  # noqa: E731
     out += ["", "| cost | BASE | NEW |", "|---|---|---|",
             f"| sampling wall time (s) | {num(spend['base_sampling_sec'], 1)} | {num(spend['new_sampling_sec'], 1)} |",
+            f"| levels {spend['start_step']} to the end, the same in both (s, from the level events) | "
+            f"{num(spend['base_from_start_sec'], 1)} | {num(spend['new_from_start_sec'], 1)} |",
             "| levels after the start time: phase (BASE's refine starts after its prune level) | refine | optimize |",
             f"| ... wall time (s) | {num(br.get('wall_sec'), 1)} | {num(no.get('wall_sec'), 1)} |",
             f"| ... levels | {num(br.get('steps'))} | {num(no.get('steps'))} |",
@@ -194,7 +202,8 @@ def markdown(base: dict[str, Any], new: dict[str, Any], rows: list[dict[str, Any
             "| stops (tol / rise / max) | | " + " / ".join(str(dc.get(f"stop_{s}", 0)) for s in ("tol", "rise", "max"))
             + " |"]
     out += ["", f"Per particle ({rel['particles']} finished in both runs, the same seeds): measurement loss "
-                f"||A x - y||^2 change vs {psnr_key} change.", "",
+                f"||A x - y||^2 change vs {psnr_key} change. With pruning, NEW prunes on its optimised losses, so the "
+                "particles kept in both runs are a selected subset.", "",
             "| loss down, PSNR up | loss down, PSNR down | loss up, PSNR up | loss up, PSNR down | Pearson | Spearman |",
             "|---|---|---|---|---|---|",
             f"| {rel['loss_down_psnr_up']} | {rel['loss_down_psnr_down']} | {rel['loss_up_psnr_up']} | "

@@ -73,7 +73,8 @@ suite_parse() {  # suite_parse SCRIPT "FLAGS" DEFAULT ARGS...: sets SUITE_CHOSEN
                exit 2 ;;
         esac
     done
-    if [ "$SUITE_PRIOR" != dataset-ldm ] && ! suite_groups "$SUITE_PRIOR" > /dev/null; then
+    if ! { [ "$SUITE_PRIOR" = dataset-ldm ] && [ "$default" = dataset-ldm ]; } && ! suite_groups "$SUITE_PRIOR" > /dev/null
+    then
         echo "$script: SUITE_PRIOR=$SUITE_PRIOR is not one of: $SUITE_PRIORS" >&2
         exit 2
     fi
@@ -88,9 +89,16 @@ suite_exec() {  # suite_exec NAME ARGS...: print the command; run it unless --dr
     local name=$1; shift
     local cmd=("${PY:-python3}" posterior_sample.py "$@" "save_dir=${SAVE_DIR:-results}" "name=$name"
                "${SUITE_OVERRIDES[@]}")
-    echo "+ ${cmd[*]}"
+    local shown
+    shown=$(printf '%q ' "${cmd[@]}")
+    echo "+ ${shown% }"
     [ "$SUITE_DRY" = 1 ] && return 0
-    (cd "$SUITE_ROOT" && "${cmd[@]}") || { echo "suite: $name failed (exit $?)" >&2; exit 1; }
+    local rc=0
+    (cd "$SUITE_ROOT" && "${cmd[@]}") || rc=$?
+    if [ "$rc" != 0 ]; then
+        echo "suite: $name failed (exit $rc); the runs before it are kept" >&2
+        exit "$rc"
+    fi
 }
 
 suite_name() {  # suite_name BASE PRIOR DEFAULT DEVICE: BASE, _PRIOR when not the DEFAULT prior, and _tpu on the TPU
@@ -119,21 +127,25 @@ suite() {  # suite EXP DEVICE "SIZES" ARGS...
     done
 }
 
-suite_final() {  # suite_final DEVICE ARGS...: Exp 5 on 100 images of each dataset chosen (an embedded prior: once)
-    local device=$1; shift
+suite_final() {  # suite_final DEVICE ARGS...: Exp 5 on 100 images of each dataset chosen; a prior set by SUITE_PRIOR
+    local device=$1; shift  # or --embedded has its own data: one run, whatever the flags
     suite_parse "$(basename "$0")" "--imagenet --ffhq" dataset-ldm "$@"
     local flag prior default base
     for flag in --imagenet --ffhq; do
         [[ " ${SUITE_CHOSEN[*]} " == *" $flag "* ]] || continue
         [ "$flag" = --imagenet ] && default=imagenet-ldm || default=ffhq-ldm
-        prior=$SUITE_PRIOR
-        [ "$prior" = dataset-ldm ] && prior=$default  # the dataset flag picks its LDM
-        base="exp5_final_${flag#--}"
-        [[ $prior == fmnist-* ]] && base=exp5_final  # test-fmnist for either flag: one run
+        prior=$SUITE_PRIOR base="exp5_final_${flag#--}"
+        if [ "$prior" = dataset-ldm ]; then
+            prior=$default  # the dataset flag picks its LDM
+        else
+            base=exp5_final
+        fi
         # shellcheck disable=SC2046
         suite_exec "$(suite_name "$base" "$prior" "$default" "$device")" $(suite_groups "$prior") \
             +task=phase_retrieval +experiment=exp5_final data.start_id=0 data.end_id=100 "$(suite_device "$device")"
-        [[ $prior == fmnist-* ]] && break
+        if [ "$base" = exp5_final ]; then
+            break
+        fi
     done
 }
 
@@ -141,9 +153,16 @@ suite_compare() {  # suite_compare BASE NEW ARGS...: the K2 log's verdict (parse
     local out="${SAVE_DIR:-results}/$2_compare.md"
     local cmd=("${PY:-python3}" scripts/parse_metrics.py --compare "${SAVE_DIR:-results}/$1" "${SAVE_DIR:-results}/$2"
                --format md "${@:3}")
-    echo "+ ${cmd[*]} > $out"
+    local shown
+    shown=$(printf '%q ' "${cmd[@]}")
+    echo "+ ${shown}> $out"
     [ "$SUITE_DRY" = 1 ] && return 0
-    (cd "$SUITE_ROOT" && "${cmd[@]}" > "$out") || echo "suite: the comparison $1 vs $2 failed (exit $?)" >&2
+    local rc=0
+    (cd "$SUITE_ROOT" && "${cmd[@]}" > "$out") || rc=$?
+    if [ "$rc" != 0 ]; then
+        echo "suite: the comparison $1 vs $2 failed (exit $rc); the runs are kept" >&2
+        exit "$rc"
+    fi
 }
 
 suite_k2_ab() {  # suite_k2_ab DEVICE ARGS...: baseline (k2_ab), k2_ab_quality, k2_ab_speed, and both against the baseline

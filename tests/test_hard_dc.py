@@ -164,6 +164,15 @@ def test_dry_run_measures_without_changing_the_trajectory(gmm):
     assert all(r["levels"] == len(dc) and r["accepted"] == 0 for r in dry.hard_dc.values()) and dry.hard_dc_sec > 0
 
 
+def test_dry_run_with_pruning_at_its_start_level_prunes_as_daps(gmm):
+    d, y = gmm
+    prune = {"step": 600, "keep": 2}
+    dry = run(d, make({**DC, "accept": "never"}, pruning=prune), y, [0, 0, 0, 1, 1, 1])
+    plain = run(d, make(pruning=prune), y, [0, 0, 0, 1, 1, 1])
+    assert dry.status == plain.status and dry.status.count("pruned") == 2
+    assert torch.equal(dry.x.nan_to_num(), plain.x.nan_to_num())
+
+
 def test_optimize_phase_turns_repulsion_off_and_lowers_the_loss(gmm):
     d, y = gmm
     events = []
