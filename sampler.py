@@ -462,7 +462,7 @@ class DAPS:
         kept_all, clones, record = [], [], []
         for image, pos in by_group.items():
             kept = [pos[k] for k in choose([losses[i] for i in pos], [[dist[i][j] for j in pos] for i in pos],
-                                           rule.keep, rule.close, rule.loss_tol, rule.fill)]
+                                           rule.keep, rule.close, rule.loss_tol, rule.fill, rule.order)]
             dropped = [i for i in pos if i not in kept]
             kept_all += kept
             if rule.branch and kept:

@@ -9,9 +9,11 @@ child expansion).
 level's result and the RMS distance (per coordinate, in image space: latents are decoded) d_ij between results:
 
 1. the particle with the lowest loss is kept;
-2. then, in order of increasing loss, a particle is kept if it is far from every kept one (d_ij > ``close``: a close
-   pair keeps only its lower loss, local refinement) and its loss is within the tolerance of the best
-   (L_i <= (1 + ``loss_tol``) L_best: a far pair keeps both, global exploration), until ``keep`` are kept;
+2. then, among the particles far from every kept one (d_ij > ``close``: a close pair keeps only its lower loss,
+   local refinement) whose loss is within the tolerance of the best (L_i <= (1 + ``loss_tol``) L_best: a far pair
+   keeps both, global exploration), one more is kept until ``keep`` are kept: the lowest loss (``order: loss``), or
+   the one farthest from the kept ones (``order: distance``, the largest distance to its nearest kept particle: with
+   twins of equal loss, the other mode rather than a second draw of the same one);
 3. ``fill: true`` (default) tops up to ``keep`` with the lowest-loss particles left, so that every measurement
    goes on with exactly ``keep`` (Exp 2 vs Exp 3 compare equal particle counts); ``fill: false`` may keep fewer.
 
@@ -30,20 +32,20 @@ from utils.config import SubConfig
 
 
 def choose(losses: Sequence[float], dist: Sequence[Sequence[float]], keep: int, close: float, loss_tol: float,
-           fill: bool = True) -> list[int]:
+           fill: bool = True, order: str = "loss") -> list[int]:
     """The positions kept by the rule of the module docstring (non-finite losses are never kept), in loss order."""
-    order = sorted((i for i, v in enumerate(losses) if math.isfinite(v)), key=lambda i: losses[i])
-    if not order:
+    ranked = sorted((i for i, v in enumerate(losses) if math.isfinite(v)), key=lambda i: losses[i])
+    if not ranked:
         return []
-    kept = [order[0]]
-    best = losses[order[0]]
-    for i in order[1:]:
-        if len(kept) == keep:
+    kept = [ranked[0]]
+    within = [i for i in ranked[1:] if losses[i] <= (1 + loss_tol) * losses[ranked[0]]]
+    while len(kept) < keep:
+        far = [i for i in within if i not in kept and all(dist[i][j] > close for j in kept)]
+        if not far:
             break
-        if all(dist[i][j] > close for j in kept) and losses[i] <= (1 + loss_tol) * best:
-            kept.append(i)
+        kept.append(far[0] if order == "loss" else max(far, key=lambda i: min(dist[i][j] for j in kept)))
     if fill:
-        kept += [i for i in order if i not in kept][:keep - len(kept)]
+        kept += [i for i in ranked if i not in kept][:keep - len(kept)]
     return sorted(kept, key=lambda i: losses[i])
 
 
@@ -59,6 +61,7 @@ class Pruning(SubConfig):
     loss_tol: float = 0.5
     fill: bool = True
     branch: bool = False
+    order: str = "loss"
 
     def validate(self) -> None:
         where = self.where
@@ -68,6 +71,8 @@ class Pruning(SubConfig):
             raise ValueError(f"{where}.keep must be an integer >= 1, got {self.keep!r}")
         if not self.close >= 0 or not self.loss_tol >= 0:
             raise ValueError(f"{where}.close and loss_tol must be >= 0, got {self.close}, {self.loss_tol}")
+        if self.order not in ("loss", "distance"):
+            raise ValueError(f"{where}.order must be loss or distance, got {self.order!r}")
         for key in ("fill", "branch"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{where}.{key} must be true or false, got {getattr(self, key)!r}")

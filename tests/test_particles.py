@@ -110,6 +110,15 @@ def test_choose_keeps_the_best_a_far_good_one_and_drops_a_close_one():
     assert choose(losses, dist, keep=2, close=0.1, loss_tol=0.1, fill=False) == [0]  # 2 is beyond the tolerance
     assert choose(losses, dist, keep=2, close=0.1, loss_tol=0.1) == [0, 1]     # filled by loss
     assert choose([math.nan, 2.0], [[0, 1], [1, 0]], keep=2, close=0.1, loss_tol=1.0) == [1]
+
+
+def test_choose_by_distance_keeps_the_other_twin():
+    """Twins of equal loss: 0 and 1 are two draws of one mode (0.7 apart), 2 the 180-degree twin (1.5 from 0)."""
+    losses, dist = [1.0, 1.01, 1.02], [[0, 0.7, 1.5], [0.7, 0, 1.4], [1.5, 1.4, 0]]
+    assert choose(losses, dist, keep=2, close=0.1, loss_tol=0.5) == [0, 1]  # by loss: both of one mode
+    assert choose(losses, dist, keep=2, close=0.1, loss_tol=0.5, order="distance") == [0, 2]
+    with pytest.raises(ValueError, match="order must be loss or distance"):
+        Pruning.from_config({"step": 200, "order": "random"})
     with pytest.raises(ValueError, match="pruning_step"):
         Pruning.from_config({"step": 2000})
 
