@@ -22,25 +22,19 @@ PY=${PY:-python3}
 mkdir -p "$SAVE"
 COMMON="+data=test-fmnist data.start_id=0 data.end_id=$N batch_size=$BS show_progress=false gpu=$GPU save_dir=$SAVE"
 
+source "$(dirname "$0")/device_run.sh"
+
 run() {  # run NAME: posterior_sample.py for the prior, task and experiment in NAME (<prior>_<task>_<exp>)
     local name=$1 prior task exp
     IFS=_ read -r prior task exp <<< "$name"
-    case " $RUNS " in *" all "*|*" $prior "*|*" $name "*) ;; *) return 0 ;; esac
     local groups="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
     [ "$prior" = ldm ] && groups="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
     local op=+task=phase_retrieval
     [ "$task" = inp ] && op=+task=inpainting
     local experiment=+experiment=exp2_pruning
     [ "$exp" = exp4 ] && experiment=+experiment=exp4_optimization
-    echo "+ $PY posterior_sample.py $COMMON $groups $op $experiment ${DC_OVERRIDES:-} name=$name"
-    local t0 t1 rc
-    t0=$(date +%s.%N)
     # shellcheck disable=SC2086
-    $PY posterior_sample.py $COMMON $groups $op $experiment ${DC_OVERRIDES:-} name="$name" > "$SAVE/$name.txt" 2>&1
-    rc=$?
-    t1=$(date +%s.%N)
-    tail -n 2 "$SAVE/$name.txt"
-    echo "$name rc=$rc wall_sec=$(awk "BEGIN{printf \"%.1f\", $t1 - $t0}")" | tee -a "$SAVE/walltimes.txt"
+    device_run "$name" "$name" $PY posterior_sample.py $COMMON $groups $op $experiment ${DC_OVERRIDES:-} name="$name"
 }
 
 for prior in ldm px; do

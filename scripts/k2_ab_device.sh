@@ -26,18 +26,11 @@ GPU=${GPU:-0}
 PY=${PY:-python3}
 mkdir -p "$SAVE"
 
-run() {  # run NAME COMMAND...: runs the command if NAME is selected, logs its console output and wall time
+source "$(dirname "$0")/device_run.sh"
+
+run() {  # run NAME COMMAND...: device_run with the log k2ab_NAME
     local name=$1; shift
-    local prior=${name%%_*}
-    case " $RUNS " in *" all "*|*" $prior "*|*" $name "*) ;; *) return 0 ;; esac
-    echo "+ $*"
-    local t0 t1 rc
-    t0=$(date +%s.%N)
-    "$@" > "$SAVE/k2ab_$name.txt" 2>&1
-    rc=$?
-    t1=$(date +%s.%N)
-    tail -n 3 "$SAVE/k2ab_$name.txt"
-    echo "k2ab_$name rc=$rc wall_sec=$(awk "BEGIN{printf \"%.1f\", $t1 - $t0}")" | tee -a "$SAVE/walltimes.txt"
+    device_run "$name" "k2ab_$name" "$@"
 }
 
 # Pixel prior (DAPS, fmnist_pixel)

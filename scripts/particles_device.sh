@@ -28,21 +28,14 @@ COMMON="+data=test-fmnist +task=phase_retrieval data.start_id=0 data.end_id=$N b
 PX="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
 LDM="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
 
+source "$(dirname "$0")/device_run.sh"
+
 run() {  # run NAME OVERRIDES...: posterior_sample.py with the prior of NAME's prefix, if NAME is selected
     local name=$1; shift
-    local prior=${name%%_*}
-    case " $RUNS " in *" all "*|*" $prior "*|*" $name "*) ;; *) return 0 ;; esac
     local groups=$PX
-    [ "$prior" = ldm ] && groups=$LDM
-    echo "+ $PY posterior_sample.py $COMMON $groups $* name=$name"
-    local t0 t1 rc
-    t0=$(date +%s.%N)
+    [ "${name%%_*}" = ldm ] && groups=$LDM
     # shellcheck disable=SC2086
-    $PY posterior_sample.py $COMMON $groups "$@" name="$name" > "$SAVE/$name.txt" 2>&1
-    rc=$?
-    t1=$(date +%s.%N)
-    tail -n 2 "$SAVE/$name.txt"
-    echo "$name rc=$rc wall_sec=$(awk "BEGIN{printf \"%.1f\", $t1 - $t0}")" | tee -a "$SAVE/walltimes.txt"
+    device_run "$name" "$name" $PY posterior_sample.py $COMMON $groups "$@" name="$name"
 }
 
 for prior in px ldm; do
