@@ -13,16 +13,9 @@
 # Each run writes SAVE_DIR/<name>/ and SAVE_DIR/<name>.txt; "<name> rc=<code> wall_sec=<s>" goes to stdout and
 # SAVE_DIR/walltimes.txt. The tables: python scripts/dc_report.py SAVE_DIR/<prior>_<task>_exp2 SAVE_DIR/<prior>_<task>_exp4.
 set -u
-SAVE=${1:?usage: hard_dc_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
-N=${2:?usage: hard_dc_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
-BS=${3:-100}
-RUNS=${4:-all}
-GPU=${GPU:-0}
-PY=${PY:-python3}
-mkdir -p "$SAVE"
-COMMON="+data=test-fmnist data.start_id=0 data.end_id=$N batch_size=$BS show_progress=false gpu=$GPU save_dir=$SAVE"
-
 source "$(dirname "$0")/device_run.sh"
+device_args "$@"
+COMMON="+data=test-fmnist data.start_id=0 data.end_id=$N batch_size=$BS show_progress=false gpu=$GPU save_dir=$SAVE"
 
 run() {  # run NAME: posterior_sample.py for the prior, task and experiment in NAME (<prior>_<task>_<exp>)
     local name=$1 prior task exp

@@ -18,15 +18,8 @@
 # "<name> rc=<code> wall_sec=<s>" per run goes to stdout and SAVE_DIR/walltimes.txt. The command lines below are
 # the ones run (printed before each run with its variables expanded).
 set -u
-SAVE=${1:?usage: k2_ab_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
-N=${2:?usage: k2_ab_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
-BS=${3:-100}
-RUNS=${4:-all}
-GPU=${GPU:-0}
-PY=${PY:-python3}
-mkdir -p "$SAVE"
-
 source "$(dirname "$0")/device_run.sh"
+device_args "$@"
 
 run() {  # run NAME COMMAND...: device_run with the log k2ab_NAME
     local name=$1; shift

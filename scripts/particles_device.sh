@@ -17,18 +17,11 @@
 # 229, exp1 297, exp2 249, exp3 156), ldm 94-117; run-to-run time varies by up to ~25% between device calls. A
 # 600-second device call holds two px runs and one ldm run, or five ldm runs.
 set -u
-SAVE=${1:?usage: particles_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
-N=${2:?usage: particles_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE] [RUNS]}
-BS=${3:-100}
-RUNS=${4:-all}
-GPU=${GPU:-0}
-PY=${PY:-python3}
-mkdir -p "$SAVE"
+source "$(dirname "$0")/device_run.sh"
+device_args "$@"
 COMMON="+data=test-fmnist +task=phase_retrieval data.start_id=0 data.end_id=$N batch_size=$BS show_progress=false gpu=$GPU save_dir=$SAVE"
 PX="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
 LDM="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
-
-source "$(dirname "$0")/device_run.sh"
 
 run() {  # run NAME OVERRIDES...: posterior_sample.py with the prior of NAME's prefix, if NAME is selected
     local name=$1; shift
