@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parse_metrics import bootstrap, events, split_times, wilson  # noqa: E402
-
-HIGHER = {"psnr": True, "ssim": True, "lpips": False, "meas_err": False, "psnr_twin_aware": True}
+from utils.metrics import HIGHER_IS_BETTER as HIGHER  # noqa: E402
 
 
 def load(run: Path) -> dict[str, Any]:

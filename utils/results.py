@@ -107,10 +107,11 @@ class Recorder:
         if dc is not None:
             metrics["hard_dc"] = dc
         dump_json(metrics, self.root / "metrics.json")
-        (self.root / "eval.md").write_text(self.markdown(status))
+        (self.root / "eval.md").write_text(self.markdown(metrics))
 
-    def markdown(self, status: str) -> str:
-        agg = self.aggregate()
+    def markdown(self, metrics: dict[str, Any]) -> str:
+        """eval.md from the metrics.json content of :meth:`write` (nothing is computed twice)."""
+        status, agg = metrics["status"], metrics["aggregate"]
         lines = [f"# {self.header.get('name', 'run')} ({status})", "",
                  f"{len(self.images)} image(s), {self.header.get('particles_per_image')} particle(s) each; "
                  f"best-of-n is an oracle (chosen per image and metric with the ground truth).", ""]
@@ -130,18 +131,18 @@ class Recorder:
         for m, st in self.header.get("eval", {}).items():
             if not st.get("available", True):
                 lines.append(f"\n{m} unavailable: {st['reason']}")
-        modes = self.modes()
+        modes = metrics.get("modes")
         if modes is not None and modes["images"]:
             lines += self.modes_markdown(modes, agg.get(TWIN_METRIC))
-        dc = hard_dc_summary(self.images, None)
+        dc = metrics.get("hard_dc")
         if dc is not None:
             lines += ["", f"Hard data consistency: {dc['particles']} particle(s) optimised on {dc['levels']} particle-"
                           f"level(s), {dc['accepted_levels']} accepted; AdamW updates per particle mean "
                           f"{dc['steps_per_particle_mean']:.1f}, max {dc['steps_per_particle_max']} (stops: "
                           + ", ".join(f"{k[5:]} {v}" for k, v in dc.items() if k.startswith("stop_")) + ")."]
-        nonfinite = sum(img["nonfinite_particles"] for img in self.images)
-        if nonfinite:
-            lines.append(f"\n{nonfinite} particle(s) stopped for NaN/Inf and excluded from the scores.")
+        if metrics["nonfinite_particles"]:
+            lines.append(f"\n{metrics['nonfinite_particles']} particle(s) stopped for NaN/Inf and excluded from the "
+                         "scores.")
         return "\n".join(lines) + "\n"
 
     @staticmethod
