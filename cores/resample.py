@@ -20,6 +20,10 @@ steps) or when J_i > J_{i - patience} (``stop: rise``); otherwise after ``max_it
 particle is frozen (state and moments); the others go on. Which particles are still active is read on the host every
 :data:`CHECK_EVERY` iterations, and only those are computed; a particle's result does not depend on its batch.
 
+**Result** (``iterate``): ``last``, the iterate where the particle stopped (ReSample's code), or ``best``, the iterate with
+the lowest J seen (never worse than the start: AdamW's normalised steps of size ~lr jitter around a minimum, so
+after a ``rise`` stop the last iterate can be worse than the DAPS sample it started from).
+
 **Acceptance** (``accept``): ``always``; ``improved`` (only when ||A(x*) - y||^2 is below the DAPS sample's); ``never``
 (a dry run: the optimisation is measured and recorded, the DAPS sample goes on).
 
@@ -88,6 +92,7 @@ class HardDC(SubConfig):
     map_back: str = "resample"
     resample_scale: float = 40.0
     warm_start: bool = False
+    iterate: str = "last"
 
     def validate(self) -> None:
         where = self.where
@@ -108,7 +113,7 @@ class HardDC(SubConfig):
         if self.trust_radius is not None and not self.trust_radius > 0:
             raise ValueError(f"{where}.trust_radius must be null (none) or > 0, got {self.trust_radius!r}")
         for key, allowed in (("start", ("sample", "x0hat")), ("accept", ("always", "improved", "never")),
-                             ("map_back", ("resample", "continue"))):
+                             ("map_back", ("resample", "continue")), ("iterate", ("last", "best"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{where}.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if not isinstance(self.warm_start, bool):
@@ -155,6 +160,8 @@ class HardDC(SubConfig):
         after = torch.zeros(n, device=dev, dtype=x.dtype)
         particle_sec = torch.zeros(n, dtype=torch.float64)
         history = torch.zeros(n, self.patience, device=dev, dtype=x.dtype)
+        best = torch.full((n,), math.inf, device=dev, dtype=x.dtype) if self.iterate == "best" else None
+        best_x = x.clone() if best is not None else None
         active = list(range(n))
         synchronize(dev)
         t0 = time.perf_counter()
@@ -185,7 +192,13 @@ class HardDC(SubConfig):
                 reason = torch.where(reason < 0, 2, reason)
             newly = live & (reason >= 0)
             stop[rows] = torch.where(newly, reason, stop[rows])
-            after[rows] = torch.where(live, data, after[rows])
+            if best is None:
+                after[rows] = torch.where(live, data, after[rows])
+            else:  # iterate: best, the lowest J seen so far (the current iterate is evaluated before its update)
+                better = live & (objective < best[rows])
+                best[rows] = torch.where(better, objective, best[rows])
+                after[rows] = torch.where(better, data, after[rows])
+                best_x[rows] = torch.where(better.view(-1, *([1] * (x.dim() - 1))), xr.detach(), best_x[rows])
             history[rows, i % self.patience] = objective
             move = live & ~newly
             # AdamW (decoupled weight decay), per-particle step counts and bias corrections
@@ -208,6 +221,8 @@ class HardDC(SubConfig):
         particle_sec[active] = sec
         if moments is not None:
             moments.update(m=m, v=v, t=t)
+        if best_x is not None:
+            x = best_x
         return DCResult(x, before, after, steps, stop, particle_sec, sec)
 
     def accepted(self, result: DCResult) -> torch.Tensor:

@@ -88,6 +88,28 @@ def test_stopping_rules_fire_as_specified():
     assert res.loss_after.tolist() == pytest.approx([4 * 32, 0.4 * 32, 3 * 32])
 
 
+def test_iterate_best_returns_the_lowest_objective_seen_and_last_where_it_stopped():
+    """A linear objective pushed too far: J falls, then rises (a quadratic in x along the gradient); ``best`` keeps the
+    minimum, ``last`` the iterate where the rise rule stopped it, which is worse."""
+    op, y, _, start = linear_problem(2)
+    last = HardDC(step=200, lr=0.5, max_iters=300, tol=0.0, patience=5, weight_decay=0.0)
+    best = replace(last, iterate="best")
+    r_last = last.optimise(rows_loss(op, y), start, start, 32, latent=False)
+    r_best = best.optimise(rows_loss(op, y), start, start, 32, latent=False)
+    assert [STOPS[int(s)] for s in r_last.stop] == ["rise", "rise"] and torch.equal(r_last.steps, r_best.steps)
+    torch.testing.assert_close(r_best.loss_after, op.loss(r_best.x, y))  # the loss it reports is of the state returned
+    torch.testing.assert_close(r_last.loss_after, op.loss(r_last.x, y))
+    assert (r_best.loss_after < r_last.loss_after).all() and (r_best.loss_after <= r_best.loss_before).all()
+    trace = [op.loss(start, y)]  # the best iterate is the minimum over the whole trajectory (replayed step by step)
+    for k in range(1, int(r_last.steps.max()) + 1):
+        trace.append(replace(last, max_iters=k, patience=1000).optimise(rows_loss(op, y), start, start, 32,
+                                                                        latent=False).loss_after)
+    trace = torch.stack(trace)
+    for k, n in enumerate(r_last.steps.tolist()):
+        assert r_best.loss_after[k].item() == pytest.approx(trace[:n + 1, k].min().item(), rel=1e-9)
+        assert r_last.loss_after[k].item() == pytest.approx(trace[n, k].item(), rel=1e-9)
+
+
 def test_a_particles_result_is_the_same_alone_and_in_a_batch():
     op, y, _, start = linear_problem(4)
     rule = HardDC(step=200, lr=0.05, max_iters=300, tol=0.0026, patience=20)
