@@ -256,6 +256,7 @@ class Run:
             done = [samples[it.index][k] for k in sorted(samples[it.index])]
             self.results.finish_image(it, gt[i], y[i], torch.stack([d[1] for d in done]), [d[2] for d in done],
                                       [d[0] for d in done], [d[3] for d in done])
+        self.results.batch_done()
         self.checkpoint.clear()
 
     def continued(self, images: list[int]) -> dict | None:

@@ -159,6 +159,20 @@ def test_a_crash_is_failed_and_resume_finishes_it_as_an_uninterrupted_run(tmp_pa
     assert check.returncode == 0 and check.stdout.count("4 levels, propagates=True") == 3, check.stdout
 
 
+@pytest.mark.parametrize("batch_size, writes", [(3, 3), (1, 5)])
+def test_metrics_json_is_written_once_per_batch_not_per_image(tmp_path, monkeypatch, straight, batch_size, writes):
+    """At the start, after each batch, at the end: 3 images in one batch of 3 (3 writes) or in 3 batches (5)."""
+    real, names = utils.results.dump_json, []
+    monkeypatch.setattr(utils.results, "dump_json", lambda obj, path: (names.append(Path(path).name), real(obj, path)))
+    assert run_in_process(f"save_dir={tmp_path}", "name=r", f"batch_size={batch_size}") == 0
+    assert names.count("metrics.json") == writes
+    metrics = read(tmp_path / "r", "metrics.json")
+    assert metrics["status"] == "complete" and metrics["num_images_done"] == 3
+    assert [img["index"] for img in metrics["images"]] == [0, 1, 2]
+    if batch_size == 1:  # the reference's settings: the same records as written image by image before
+        assert metrics["images"] == read(straight, "metrics.json")["images"]
+
+
 def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path, monkeypatch):
     fail_on_second_image_save(monkeypatch)
     assert run_in_process(f"save_dir={tmp_path}", "name=r") == 1

@@ -1,8 +1,9 @@
 """The results of a run: scoring, per-image JSON, samples, metrics.json, eval.md, timing.json, the grid, the
 merge of the ranks' timings and of a resumed run's attempts.
 
-Everything is rewritten (atomically) each time an image finishes, so an interrupted run leaves the
-metrics of every finished image. Metrics of a stopped (NaN/Inf) particle are null and excluded from
+Each image's record (per_image/<index>.json) is written when it finishes; metrics.json, eval.md, timing.json and
+the grid are rewritten (atomically) from those records after each batch and at the end (also of an interrupted run),
+so an interrupted run leaves the metrics of every finished image. Metrics of a stopped (NaN/Inf) particle are null and excluded from
 the statistics; the statistics say how many particles they cover. While the run goes on, metrics.json
 and timing.json say ``running`` with the process (``pid``, ``host``) and ``heartbeat_unix``, which
 timing.json refreshes at most every :data:`HEARTBEAT_SEC` seconds at the end of a level: a run killed
@@ -258,7 +259,7 @@ class RunResults:
 
     def finish_image(self, item: Any, gt: torch.Tensor, y: torch.Tensor, xs: torch.Tensor,
                      status: list[tuple[str, int | None]], ids: list[Any], found: list[dict] | None = None) -> None:
-        """Score the particles of one image (finite ones only), save its files and refresh metrics.json;
+        """Score the particles of one image (finite ones only) and save its files (per_image/<index>.json, samples);
         ``ids`` are the particles' ParticleIds, in the rows of ``xs``; ``found`` (per particle): ``pruned_x0hat``,
         the x0hat of a pruned particle at its prune level (saved as samples/<image>_particle<k>_pruned.png), and
         ``parent``, the id of the survivor a branched clone copied, ``hard_dc``, its hard data consistency record."""
@@ -295,7 +296,11 @@ class RunResults:
         self.finished_wall = time.perf_counter() - self.t0
         self.finished_sampling = sum(p["wall_sec"] for p in self.timer.summary().values())
         self.add_grid(item.index, gt, y, [xs[k] if s == "ok" else None for k, (s, _) in enumerate(status)])
-        if parts.dist.main:
+
+    def batch_done(self) -> None:
+        """After a batch's images are finished: metrics.json, eval.md, timing.json and the grid once (rank 0), not
+        once per image (each rewrite reads every per-image file and writes the whole metrics.json)."""
+        if self.parts.dist.main:
             self.write("running")
             self.write_grid()
 
