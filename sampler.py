@@ -361,7 +361,9 @@ class DAPS:
             tilt = ratio = None
             if gamma > 0:
                 tilt, ratio = level_tilt(self.repulsion, gamma, x0hat.detach(), state.group, loss, self.target.data_weight)
-            target = make_target(self.target, net, loss, state.x, x0hat, sigma, tilt=tilt, loss_rows=loss_rows)
+            gradient = lambda x, yy=state.y: op.gradient(x, yy)  # noqa: E731  (closed form where the operator has one)
+            target = make_target(self.target, net, loss, state.x, x0hat, sigma, tilt=tilt, loss_rows=loss_rows,
+                                 gradient=gradient)
             out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))
             x0y, level_loss = out.x, out.loss
             # 3. hard data consistency (cores/resample.py): each particle's x pulled onto its measurement by AdamW

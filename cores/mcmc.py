@@ -91,7 +91,8 @@ class Target:
     da_hmc's surrogate (which keeps the prior part exact) see it. ``anchor`` is the level's x0hat, where da_hmc
     linearises L (eq. DA0); ``loss_rows(x_rows, rows)``, when given,
     is the loss of the particles ``rows`` (a long tensor of batch indices) at their states ``x_rows``, so that
-    da_hmc evaluates only the proposals that passed its first test (:meth:`loss_of`).
+    da_hmc evaluates only the proposals that passed its first test (:meth:`loss_of`). ``gradient(x)``, when given,
+    returns (grad L(x), L(x)) in one call (the operator's closed form: ``Operator.gradient``) instead of autograd.
     """
 
     loss: Callable[[torch.Tensor], torch.Tensor]
@@ -103,6 +104,7 @@ class Target:
     anchor: torch.Tensor | None = None
     loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     tilt: Any = None
+    gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _prior_grad(self, x: torch.Tensor) -> torch.Tensor:
         g = (self.prior_mean - x) / self.r**2
@@ -114,6 +116,8 @@ class Target:
 
     def loss_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad L(x), L(x)) per particle."""
+        if self.gradient is not None:
+            return self.gradient(x)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             loss = self.loss(xg)
@@ -138,7 +142,8 @@ class Target:
             raise ValueError("the surrogate needs the level's anchor x0hat (make_target sets it)")
         a = self.anchor
         g, loss_a = self.loss_grad(a)
-        return replace(self, loss=lambda x: loss_a + ((x - a) * g).flatten(1).sum(1), loss_rows=None)
+        return replace(self, loss=lambda x: loss_a + ((x - a) * g).flatten(1).sum(1), loss_rows=None,
+                       gradient=None)
 
     def _log_prob(self, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         logp = -self.data_weight * loss - (x - self.prior_mean).pow(2).flatten(1).sum(1) / (2 * self.r**2)
@@ -459,12 +464,12 @@ class TargetSpec:
 
 def make_target(cfg: MCMCConfig | TargetSpec, denoiser: Any, loss: Callable[[torch.Tensor], torch.Tensor], xt: torch.Tensor,
                 x0hat: torch.Tensor, sigma: float,
-                loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, tilt: Any = None
-                ) -> Target:
+                loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, tilt: Any = None,
+                gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Target:
     """The level's target pi for the configured prior solver (r = sigma_t, as the official DAPS), anchored at x0hat
-    (da_hmc's linearisation point); ``loss_rows`` and ``tilt`` (the repulsion) as in :class:`Target`."""
+    (da_hmc's linearisation point); ``loss_rows``, ``tilt`` (the repulsion) and ``gradient`` as in :class:`Target`."""
     w, r = cfg.data_weight, sigma
-    extra = {"anchor": x0hat, "loss_rows": loss_rows, "tilt": tilt}
+    extra = {"anchor": x0hat, "loss_rows": loss_rows, "tilt": tilt, "gradient": gradient}
     if cfg.prior_solver == "gaussian":
         return Target(loss, w, r, x0hat, **extra)
     with torch.no_grad():

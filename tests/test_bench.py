@@ -1,5 +1,6 @@
 """scripts/bench_daps.py: A/B runs alternate, each side's overrides reach its runs, the table and the JSON hold every
-run, the medians and the ratio; a non-empty save folder is refused."""
+run, the medians and the ratio; a non-empty save folder is refused. scripts/bench_pr_gradient.py times both gradients
+and checks that they agree."""
 import json
 import subprocess
 import sys
@@ -31,3 +32,14 @@ def test_bench_alternates_and_reports(tmp_path):
     assert out["ratio"]["sampling_s_per_image"] > 0
     again = bench(tmp_path)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+
+def test_pr_gradient_bench_times_both_and_checks_they_agree():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_pr_gradient.py"), "--device", "cpu", "--batch",
+                        "4", "--size", "8", "--min-run-time", "0.05"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("device cpu, x (4, 1, 8, 8) float32")
+    assert [ln.split()[0] for ln in lines[1:3]] == ["autograd", "closed"]
+    assert float(lines[3].split("max |difference| / max |gradient| ")[1]) < 1e-5

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cores.fourier import centred_fft2, dft2_matmul
-from cores.operators import (DenseGaussian, DownSampling, GaussianBlur, Inpainting, LatentOperator, PhaseRetrieval,
-                             build_operator, linear_matrix)
+from cores.operators import (DenseGaussian, DownSampling, GaussianBlur, Inpainting, LatentOperator, Operator,
+                             PhaseRetrieval, build_operator, linear_matrix)
 
 OPERATORS = {
     "phase_retrieval": lambda: PhaseRetrieval(oversample=2.0),
@@ -80,6 +80,34 @@ def test_phase_retrieval_magnitude_has_zero_gradient_at_zero():
     x = torch.full((1, 1, 4, 4), -1.0, dtype=torch.float64, requires_grad=True)  # all zeros after the [0,1] map
     op(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("oversample, size", [(2.0, 8), (1.0, 7), (0.0, 4)])
+def test_phase_retrieval_closed_form_gradient_is_autograds(oversample, size):
+    """grad || |F pad(x)| - y ||^2 = crop 2 Re F^-1(r U / |U|) / 2 (PhaseRetrieval.gradient) against autograd of the
+    loss, in float64; an all-black image (U = 0 everywhere) has gradient 0 in both."""
+    op = PhaseRetrieval(oversample=oversample).double()
+    x = torch.rand(3, 2, size, size, dtype=torch.float64) * 2 - 1
+    x[2] = -1.0
+    y = op(torch.rand(3, 2, size, size, dtype=torch.float64) * 2 - 1)
+    grad, loss = op.gradient(x, y)
+    ref_grad, ref_loss = Operator.gradient(op, x, y)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert grad[2].abs().max() == 0 and ref_grad[2].abs().max() == 0
+
+
+def test_latent_operator_gradient_pulls_the_pixel_gradient_back_through_the_decoder():
+    torch.manual_seed(0)
+    op = PhaseRetrieval().double()
+    decoder = torch.nn.Sequential(torch.nn.ConvTranspose2d(2, 1, 2, stride=2), torch.nn.Tanh()).double()
+    lat = LatentOperator(op, decoder)
+    z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    y = op(torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1)
+    grad, loss = lat.gradient(z, y)
+    ref_grad, ref_loss = Operator.gradient(lat, z, y)  # both score the decoded image in float32 (LatentOperator.loss)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
 
 
 def test_measure_is_seeded_per_image():
