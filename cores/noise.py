@@ -119,6 +119,36 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def counter_uniform24(halves: torch.Tensor, count: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
+    """The draw of :class:`CounterNoise` for every particle at once: per particle (rows of ``halves``, the seeds'
+    32-bit halves, and ``count``, the draw counters) one uniform in (0, 1) per entry of ``elements`` (the hashed
+    element indices h(j)), as float64 holding 24-bit values."""
+    k1 = hash32(halves[:, 0] ^ hash32(count))
+    k2 = hash32(halves[:, 1] ^ hash32(k1))
+    h = hash32(hash32(k1[:, None] ^ elements[None, :]) ^ k2[:, None])
+    return ((h >> 8).to(torch.float64) + 0.5) / 2**24
+
+
+def counter_normals(halves: torch.Tensor, count: torch.Tensor, elements: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` standard normals per particle (float64) by Box-Muller from :func:`counter_uniform24` (``elements``: an
+    even number >= n of hashed indices)."""
+    u = counter_uniform24(halves, count, elements)
+    half = elements.shape[0] // 2
+    r, theta = torch.sqrt(-2.0 * torch.log(u[:, :half])), 2.0 * np.pi * u[:, half:]
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
+
+
+_FUSED: dict[str, object] = {}
+
+
+def fused_counter_normals():
+    """:func:`counter_normals` compiled by ``torch.compile`` (one fused kernel instead of about 40 elementwise ones per
+    draw; bit-identical to the eager function, tests/test_noise.py); compiled once per process, per shape."""
+    if "normals" not in _FUSED:
+        _FUSED["normals"] = torch.compile(counter_normals, dynamic=False)
+    return _FUSED["normals"]
+
+
 class CounterNoise(ParticleNoise):
     """Counter-based streams: particle i's k-th draw is a hash of (seed_i, k, element index), computed for every
     particle at once (one set of elementwise kernels per draw, whatever the batch size, instead of one generator call
@@ -128,12 +158,17 @@ class CounterNoise(ParticleNoise):
     Per draw: per particle two 32-bit keys k1 = h(s_lo ^ h(c)), k2 = h(s_hi ^ h(k1)) from the seed's halves and the
     draw counter c; per element j, u_j = h(h(k1 ^ h(j)) ^ k2) / 2^32 (24 bits, centred in its cell, so never 0 or 1);
     normals by Box-Muller from (u_2m, u_2m+1), with h the lowbias32 mixer (:func:`hash32`). tests/test_noise.py checks
-    the moments, normality, uniformity and independence across particles and draws.
+    the moments, normality, uniformity and independence across particles and draws. ``fused`` (``noise:
+    counter-fused``) draws the normals with :func:`fused_counter_normals`: the same numbers, in one kernel.
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu",
-                 counters: Sequence[int] | None = None):
+                 counters: Sequence[int] | None = None, fused: bool = False):
         self.device = torch.device(device)
+        if fused and self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"noise=counter-fused compiles its draw with torch.compile, which needs a CPU or CUDA "
+                             f"device, not {self.device.type}: use noise=counter there")
+        self.fused = fused
         self.seeds = [int(s) for s in seeds]
         self.counters = [0] * len(self.seeds) if counters is None else [int(c) for c in counters]
         # on the device once: the seeds' halves and the counters, so that a draw needs no host-to-device copy
@@ -146,31 +181,27 @@ class CounterNoise(ParticleNoise):
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def _uniform24(self, count: int) -> torch.Tensor:
-        """``count`` uniforms per particle in (0, 1) (float64 holding 24-bit values); advances every counter."""
+    def _draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The counters and hashed element indices of the next draw of ``count`` values; advances every counter."""
         if max(self.counters, default=0) >= 2**32:
             raise RuntimeError("CounterNoise: a particle made 2^32 draws; its stream would repeat")
         if count not in self._elements:  # h(j) of the element indices, per draw size
             self._elements[count] = hash32(torch.arange(count, dtype=torch.int64, device=self.device))
-        k1 = hash32(self._halves[:, 0] ^ hash32(self._count))
-        k2 = hash32(self._halves[:, 1] ^ hash32(k1))
-        h = hash32(hash32(k1[:, None] ^ self._elements[count][None, :]) ^ k2[:, None])
+        count_now = self._count
         self._count = self._count + 1
         self.counters = [c + 1 for c in self.counters]
-        return ((h >> 8).to(torch.float64) + 0.5) / 2**24
+        return count_now, self._elements[count]
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal noise of shape (num_particles, *shape)."""
         n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-        half = (n + 1) // 2
-        u = self._uniform24(2 * half)
-        r, theta = torch.sqrt(-2.0 * torch.log(u[:, :half])), 2.0 * np.pi * u[:, half:]
-        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
-        return z.to(dtype).reshape(len(self), *shape)
+        count, elements = self._draw(2 * ((n + 1) // 2))
+        normals = fused_counter_normals() if self.fused else counter_normals
+        return normals(self._halves, count, elements, n).to(dtype).reshape(len(self), *shape)
 
     def rand(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One uniform number in (0, 1) per particle, shape (num_particles,)."""
-        return self._uniform24(1)[:, 0].to(dtype)
+        return counter_uniform24(self._halves, *self._draw(1))[:, 0].to(dtype)
 
     def state_dict(self) -> dict:
         return {"device": "counter", "seeds": list(self.seeds), "counters": list(self.counters)}
@@ -178,24 +209,25 @@ class CounterNoise(ParticleNoise):
     def load_state_dict(self, saved: dict) -> None:
         if saved["seeds"] != self.seeds or saved["device"] != "counter":
             raise ValueError("noise state of other particles or of another kind of stream")
-        self.__init__(self.seeds, self.device, saved["counters"])
+        self.__init__(self.seeds, self.device, saved["counters"], self.fused)
 
     def select(self, keep: Sequence[int]) -> "CounterNoise":
-        return CounterNoise([self.seeds[i] for i in keep], self.device, [self.counters[i] for i in keep])
+        return CounterNoise([self.seeds[i] for i in keep], self.device, [self.counters[i] for i in keep], self.fused)
 
     def reseed(self, seeds: dict[int, int]) -> "CounterNoise":
         new_seeds, counters = list(self.seeds), list(self.counters)
         for pos, seed in seeds.items():
             new_seeds[pos], counters[pos] = int(seed), 0
-        return CounterNoise(new_seeds, self.device, counters)
+        return CounterNoise(new_seeds, self.device, counters, self.fused)
 
 
-NOISE = {"generator": ParticleNoise, "counter": CounterNoise}
+NOISE = {"generator": ParticleNoise, "counter": CounterNoise,
+         "counter-fused": lambda seeds, device: CounterNoise(seeds, device, fused=True)}
 
 
 def particle_noise(kind: str, seeds: Sequence[int], device: torch.device | str) -> ParticleNoise:
     """The per-particle streams of ``kind`` (``noise`` in configs/default.yaml): generator (one torch.Generator per
-    particle) or counter (:class:`CounterNoise`)."""
+    particle), counter (:class:`CounterNoise`) or counter-fused (the same streams, drawn by one compiled kernel)."""
     if kind not in NOISE:
         raise ValueError(f"noise must be one of {', '.join(NOISE)}, got {kind!r}")
     return NOISE[kind](seeds, device)

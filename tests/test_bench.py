@@ -1,6 +1,6 @@
 """scripts/bench_daps.py: A/B runs alternate, each side's overrides reach its runs, the table and the JSON hold every
 run, the medians and the ratio; a non-empty save folder is refused. scripts/bench_pr_gradient.py times both gradients
-and checks that they agree."""
+and checks that they agree; scripts/bench_noise.py times each noise kind."""
 import json
 import subprocess
 import sys
@@ -43,3 +43,13 @@ def test_pr_gradient_bench_times_both_and_checks_they_agree():
     assert lines[0].startswith("device cpu, x (4, 1, 8, 8) float32")
     assert [ln.split()[0] for ln in lines[1:3]] == ["autograd", "closed"]
     assert float(lines[3].split("max |difference| / max |gradient| ")[1]) < 1e-5
+
+
+def test_noise_bench_times_each_kind():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_noise.py"), "--device", "cpu", "--batch", "4",
+                        "--shape", "1", "4", "4", "--kinds", "generator", "counter", "--min-run-time", "0.05"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("device cpu, 4 particles x (1, 4, 4)")
+    assert [ln.split()[0] for ln in lines[1:]] == ["generator", "counter"] and "1.000x the first" in lines[1]

@@ -85,6 +85,19 @@ def run(d, y, seeds, kind="counter", **kw):
     return s.sample(d, PhaseRetrieval(), ps, **kw)
 
 
+def test_fused_draws_are_the_eager_draws_and_xla_is_refused():
+    """noise=counter-fused: the compiled draw gives the eager CounterNoise's numbers exactly, through select and
+    reseed (one compile per shape, so the batch keeps its size; about half a minute on 2 CPU cores)."""
+    eager, fused = CounterNoise(SEEDS[:6]), particle_noise("counter-fused", SEEDS[:6], "cpu")
+    for _ in range(2):
+        assert torch.equal(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
+        assert torch.equal(fused.rand(), eager.rand())
+    eager, fused = eager.select([4, 1, 0, 5, 2, 3]).reseed({1: 7}), fused.select([4, 1, 0, 5, 2, 3]).reseed({1: 7})
+    assert fused.fused and torch.equal(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
+    with pytest.raises(ValueError, match="use noise=counter there"):
+        CounterNoise(SEEDS[:2], "meta", fused=True)
+
+
 def test_in_the_loop_results_are_batch_invariant_and_resume_exactly(gmm):
     d, y = gmm
     y = y[:1]
