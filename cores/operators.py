@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -87,6 +88,13 @@ def safe_magnitude(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
+@lru_cache(maxsize=8)
+def checkerboard(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(-1)^(m1 + m2) on an h x w grid (the centring of an even-sized DFT as a sign pattern)."""
+    i, j = torch.arange(h), torch.arange(w)
+    return (1 - 2 * ((i[:, None] + j[None, :]) % 2)).to(device, dtype)
+
+
 @register("phase_retrieval")
 class PhaseRetrieval(Operator):
     """Fourier phase retrieval as in DAPS: |F(pad(x/2 + 1/2))| with a centred orthonormal 2-D FFT.
@@ -124,17 +132,29 @@ class PhaseRetrieval(Operator):
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(d loss / dx, loss) in closed form where torch.fft runs (autograd elsewhere): with u = pad(x/2 + 1/2),
         U = F(u) and r = |U| - y, L = ||r||^2 and, F being unitary, dL/du = 2 Re F^-1(r U / |U|) (0 where U = 0,
-        as :func:`safe_magnitude`), dL/dx = crop(dL/du) / 2: one FFT and one inverse FFT, no autograd graph."""
+        as :func:`safe_magnitude`), dL/dx = crop(dL/du) / 2: one FFT and one inverse FFT, no autograd graph.
+
+        For an even padded size the centring shifts are signs: F(u)[k] = (-1)^(k1 + k2 + n/2) FFT(s u)[k] with the
+        checkerboard s[m] = (-1)^(m1 + m2) (per axis, fftshift(fft(ifftshift(u))) = (-1)^(k + n/2) fft((-1)^m u)),
+        so |U| = |FFT(s u)| and dL/du = 2 s Re FFT^-1(r U' / |U'|), U' = FFT(s u): two sign products instead of
+        four rolls."""
         if x.device.type not in NATIVE_FFT_DEVICES:
             return super().gradient(x, y)
-        p = self.pad(x.shape[-1])
-        dims = (-2, -1)
-        spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(F.pad(x * 0.5 + 0.5, (p, p, p, p)), dim=dims),
-                                                 norm="ortho"), dim=dims)
+        p, dims = self.pad(x.shape[-1]), (-2, -1)
+        u = F.pad(x * 0.5 + 0.5, (p, p, p, p))
+        even = u.shape[-2] % 2 == 0 and u.shape[-1] % 2 == 0
+        if even:
+            sign = checkerboard(u.shape[-2], u.shape[-1], u.device, u.dtype)
+            spec = torch.fft.fft2(u * sign, norm="ortho")
+        else:
+            spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(u, dim=dims), norm="ortho"), dim=dims)
         mag = spec.abs()
         r = mag - y
-        phase = torch.where(mag > 0, spec / torch.where(mag > 0, mag, torch.ones_like(mag)), torch.zeros_like(spec))
-        du = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(r * phase, dim=dims), norm="ortho"), dim=dims).real
+        back = r * spec / torch.where(mag > 0, mag, torch.ones_like(mag))  # U = 0 exactly where |U| = 0
+        if even:
+            du = torch.fft.ifft2(back, norm="ortho").real * sign
+        else:
+            du = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(back, dim=dims), norm="ortho"), dim=dims).real
         return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], r.pow(2).flatten(1).sum(-1)
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
