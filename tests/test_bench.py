@@ -1,6 +1,6 @@
 """scripts/bench_daps.py: A/B runs alternate, each side's overrides reach its runs, the table and the JSON hold every
 run, the medians and the ratio; a non-empty save folder is refused. scripts/bench_pr_gradient.py times both gradients
-and checks that they agree; scripts/bench_noise.py times each noise kind."""
+and checks that they agree; scripts/bench_noise.py times each noise kind; scripts/profile_level.py profiles one level."""
 import json
 import subprocess
 import sys
@@ -53,3 +53,18 @@ def test_noise_bench_times_each_kind():
     lines = r.stdout.splitlines()
     assert lines[0].startswith("device cpu, 4 particles x (1, 4, 4)")
     assert [ln.split()[0] for ln in lines[1:]] == ["generator", "counter"] and "1.000x the first" in lines[1]
+
+
+def test_profile_level_records_one_levels_mcmc(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_level.py"), "--level", "1", "--top", "3",
+                        "--trace", str(tmp_path / "trace.json"), "--", *COMMON.split(), f"save_dir={tmp_path}",
+                        "name=p"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head = [ln for ln in r.stdout.splitlines() if ln.startswith(("device", "top-level"))]
+    assert head[0].startswith("device cpu; level 1: 2 MCMC steps") and "per step" in head[1]
+    assert float(head[1].split(", ")[1].split()[0]) > 0 and (tmp_path / "trace.json").stat().st_size > 0
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["status"] == "complete"
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_level.py"), "--level", "9", "--",
+                              *COMMON.split(), f"save_dir={tmp_path}", "name=q"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode != 0 and "--level 9 was not reached" in missing.stderr
