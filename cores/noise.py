@@ -10,7 +10,8 @@ every stream where it was).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from functools import lru_cache
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -138,15 +139,11 @@ def counter_normals(halves: torch.Tensor, count: torch.Tensor, elements: torch.T
     return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
 
 
-_FUSED: dict[str, object] = {}
-
-
-def fused_counter_normals():
+@lru_cache(maxsize=1)
+def fused_counter_normals() -> Callable[..., torch.Tensor]:
     """:func:`counter_normals` compiled by ``torch.compile`` (one fused kernel instead of about 40 elementwise ones per
     draw; bit-identical to the eager function, tests/test_noise.py); compiled once per process, per shape."""
-    if "normals" not in _FUSED:
-        _FUSED["normals"] = torch.compile(counter_normals, dynamic=False)
-    return _FUSED["normals"]
+    return torch.compile(counter_normals, dynamic=False)
 
 
 class CounterNoise(ParticleNoise):

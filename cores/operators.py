@@ -130,31 +130,24 @@ class PhaseRetrieval(Operator):
         return safe_magnitude(*centred_fft2(x))
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d loss / dx, loss) in closed form where torch.fft runs (autograd elsewhere): with u = pad(x/2 + 1/2),
-        U = F(u) and r = |U| - y, L = ||r||^2 and, F being unitary, dL/du = 2 Re F^-1(r U / |U|) (0 where U = 0,
-        as :func:`safe_magnitude`), dL/dx = crop(dL/du) / 2: one FFT and one inverse FFT, no autograd graph.
+        """(d loss / dx, loss) in closed form: with u = pad(x/2 + 1/2), U = F(u) and r = |U| - y, L = ||r||^2 and,
+        F being unitary, dL/du = 2 Re F^-1(r U / |U|) (0 where U = 0, as :func:`safe_magnitude`), dL/dx =
+        crop(dL/du) / 2: one FFT and one inverse FFT, no autograd graph.
 
-        For an even padded size the centring shifts are signs: F(u)[k] = (-1)^(k1 + k2 + n/2) FFT(s u)[k] with the
-        checkerboard s[m] = (-1)^(m1 + m2) (per axis, fftshift(fft(ifftshift(u))) = (-1)^(k + n/2) fft((-1)^m u)),
-        so |U| = |FFT(s u)| and dL/du = 2 s Re FFT^-1(r U' / |U'|), U' = FFT(s u): two sign products instead of
-        four rolls."""
-        if x.device.type not in NATIVE_FFT_DEVICES:
-            return super().gradient(x, y)
-        p, dims = self.pad(x.shape[-1]), (-2, -1)
+        For an even padded size (every even image size) the centring shifts are signs: F(u)[k] = (-1)^(k1 + k2 + n/2)
+        FFT(s u)[k] with the checkerboard s[m] = (-1)^(m1 + m2) (per axis, fftshift(fft(ifftshift(u))) =
+        (-1)^(k + n/2) fft((-1)^m u)), so |U| = |FFT(s u)| and dL/du = 2 s Re FFT^-1(r U' / |U'|), U' = FFT(s u).
+        Odd padded sizes, and devices without torch.fft (XLA), take autograd's gradient."""
+        p = self.pad(x.shape[-1])
         u = F.pad(x * 0.5 + 0.5, (p, p, p, p))
-        even = u.shape[-2] % 2 == 0 and u.shape[-1] % 2 == 0
-        if even:
-            sign = checkerboard(u.shape[-2], u.shape[-1], u.device, u.dtype)
-            spec = torch.fft.fft2(u * sign, norm="ortho")
-        else:
-            spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(u, dim=dims), norm="ortho"), dim=dims)
+        if x.device.type not in NATIVE_FFT_DEVICES or u.shape[-2] % 2 or u.shape[-1] % 2:
+            return super().gradient(x, y)
+        sign = checkerboard(u.shape[-2], u.shape[-1], u.device, u.dtype)
+        spec = torch.fft.fft2(u * sign, norm="ortho")
         mag = spec.abs()
         r = mag - y
         back = r * spec / torch.where(mag > 0, mag, torch.ones_like(mag))  # U = 0 exactly where |U| = 0
-        if even:
-            du = torch.fft.ifft2(back, norm="ortho").real * sign
-        else:
-            du = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(back, dim=dims), norm="ortho"), dim=dims).real
+        du = torch.fft.ifft2(back, norm="ortho").real * sign
         return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], r.pow(2).flatten(1).sum(-1)
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

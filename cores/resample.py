@@ -192,13 +192,12 @@ class HardDC(SubConfig):
                 reason = torch.where(reason < 0, 2, reason)
             newly = live & (reason >= 0)
             stop[rows] = torch.where(newly, reason, stop[rows])
-            if best is None:
-                after[rows] = torch.where(live, data, after[rows])
-            else:  # iterate: best, the lowest J seen so far (the current iterate is evaluated before its update)
-                better = live & (objective < best[rows])
-                best[rows] = torch.where(better, objective, best[rows])
-                after[rows] = torch.where(better, data, after[rows])
-                best_x[rows] = torch.where(better.view(-1, *([1] * (x.dim() - 1))), xr.detach(), best_x[rows])
+            # the result so far: the current iterate (evaluated before its update), or the lowest J seen (best)
+            take = live if best is None else live & (objective < best[rows])
+            after[rows] = torch.where(take, data, after[rows])
+            if best is not None:
+                best[rows] = torch.where(take, objective, best[rows])
+                best_x[rows] = torch.where(take.view(-1, *([1] * (x.dim() - 1))), xr.detach(), best_x[rows])
             history[rows, i % self.patience] = objective
             move = live & ~newly
             # AdamW (decoupled weight decay), per-particle step counts and bias corrections

@@ -85,8 +85,8 @@ def test_phase_retrieval_magnitude_has_zero_gradient_at_zero():
 @pytest.mark.parametrize("oversample, size", [(2.0, 8), (1.0, 7), (0.0, 4)])
 def test_phase_retrieval_closed_form_gradient_is_autograds(oversample, size):
     """grad || |F pad(x)| - y ||^2 = crop 2 Re F^-1(r U / |U|) / 2 (PhaseRetrieval.gradient) against autograd of the
-    loss, in float64, for even padded sizes (12, 4: the centring as signs) and an odd one (7: the rolls); an all-black
-    image (U = 0 everywhere) has gradient 0 in both."""
+    loss, in float64, for even padded sizes (12, 4: the centring as signs) and an odd one (7: autograd itself); an
+    all-black image (U = 0 everywhere) has gradient 0 in both."""
     op = PhaseRetrieval(oversample=oversample).double()
     x = torch.rand(3, 2, size, size, dtype=torch.float64) * 2 - 1
     x[2] = -1.0
