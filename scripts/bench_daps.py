@@ -45,13 +45,15 @@ def measure(code: Path, overrides: list[str], save: Path) -> dict[str, Any]:
     if done.returncode != 0:
         sys.exit(f"bench_daps: a run failed (exit {done.returncode}): {shlex.join(cmd)}\n{done.stderr[-3000:]}")
     timing = json.loads((save / "run" / "timing.json").read_text())
-    images, sampling = timing["images_done"], timing["finished_sampling_sec"]
-    particles = images * timing["particles_per_image"]
+    # timing.json of older commits (af9e5f8 and before) lacks the two newer counters: their equivalents.
+    images, particles = timing["images_done"], timing["images_done"] * timing["particles_per_image"]
+    sampling = timing.get("finished_sampling_sec", timing["sampling_wall_sec"])
+    nfe = timing.get("particle_network_evals", timing.get("network_evals_per_particle", 0) * particles)
     peaks = [p["peak_memory_bytes"] for p in timing["phases"].values() if "peak_memory_bytes" in p]
     return {"sampling_s_per_image": timing["sampling_per_image_sec"], "sampling_s_per_particle": sampling / particles,
             "end_to_end_s": wall, "outside_vs_sampling": (wall - sampling) / sampling if sampling else None,
             "peak_GB": max(peaks) / 1e9 if peaks else None,
-            "particle_nfe_per_s": timing["particle_network_evals"] / sampling if sampling else None}
+            "particle_nfe_per_s": nfe / sampling if sampling and nfe else None}
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float | None:

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Speed measurements of issue 15 on one GPU: the levers alone, a profile of one level, and the whole sampler
+# against an older commit, on the embedded Fashion-MNIST priors (4 particles per image, phase retrieval):
+#   micro       scripts/bench_noise.py and scripts/bench_pr_gradient.py at Fashion-MNIST (400 x 1 x 32 x 32) and
+#               FFHQ (40 x 3 x 256 x 256) sizes
+#   profile     scripts/profile_level.py, pixel prior, 100 images (400 particles), noise=generator and counter-fused
+#   px_base     scripts/bench_daps.py, pixel prior, 20 images in one batch, 200 levels: BASE_CODE (A) against this
+#               checkout with FAST (B)
+#   ldm_base    the same on the latent prior (50 levels)
+#   px_noise    this checkout, pixel prior, 20 images: noise=generator (A) against FAST (B)
+#
+#   BASE_CODE=DIR bash scripts/speed_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE=20] [RUNS=all]
+#
+# BASE_CODE is a `git archive` of the baseline commit with checkpoints and dataset linked in (bench_daps.py --a-code).
+# FAST (default "noise=counter-fused") is side B's overrides; REPEATS (default 2) the alternations of bench_daps.py;
+# SPEED_OVERRIDES extra Hydra overrides of every run (a CPU smoke test: "gpu=-1 sampler.annealing_scheduler_config.num_steps=2").
+# Each measurement writes SAVE_DIR/<name>.txt (and bench_daps.py's SAVE_DIR/<name>.json); "<name> rc wall_sec" goes
+# to stdout and SAVE_DIR/walltimes.txt.
+set -u
+source "$(dirname "$0")/device_run.sh"
+device_args "$1" "$2" "${3:-20}" "${4:-all}"
+FAST=${FAST:-noise=counter-fused}
+REPEATS=${REPEATS:-2}
+PIXEL="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
+LATENT="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
+COMMON="+data=test-fmnist +task=phase_retrieval data.end_id=$N batch_size=$BS num_samples=4 gpu=$GPU \
+eval_fn_list=[psnr] save_samples=false ${SPEED_OVERRIDES:-}"
+
+device_run micro micro_noise_fmnist $PY scripts/bench_noise.py --batch 400 --shape 1 32 32
+device_run micro micro_noise_ffhq $PY scripts/bench_noise.py --batch 40 --shape 3 256 256
+device_run micro micro_grad_fmnist $PY scripts/bench_pr_gradient.py --batch 400 --size 32 --channels 1
+device_run micro micro_grad_ffhq $PY scripts/bench_pr_gradient.py --batch 40 --size 256 --channels 3
+for noise in generator counter-fused; do
+    # shellcheck disable=SC2086
+    device_run profile "profile_$noise" $PY scripts/profile_level.py -- $COMMON $PIXEL data.end_id=100 batch_size=100 \
+        sampler.annealing_scheduler_config.num_steps=3 noise=$noise save_dir="$SAVE/profile" name=$noise
+done
+bench() {  # bench NAME GROUPS [bench_daps.py options]: one A/B pair of sides
+    local name=$1 groups=$2; shift 2
+    device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/$name" \
+        --json "$SAVE/$name.json" --common "$COMMON $groups" "$@"
+}
+bench px_base "$PIXEL" --a-code "${BASE_CODE:-.}" --b "$FAST"
+bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
+bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
