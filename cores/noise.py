@@ -222,6 +222,14 @@ NOISE = {"generator": ParticleNoise, "counter": CounterNoise,
          "counter-fused": lambda seeds, device: CounterNoise(seeds, device, fused=True)}
 
 
+def auto_kind(device: torch.device | str) -> str:
+    """What ``noise: auto`` means on ``device``: counter-fused on CUDA, where one compiled draw replaces a ``randn``
+    launch per particle (H100, 400 particles of 32 x 32: 0.138 vs 6.08 ms per draw, docs/benchmarks.md); generator
+    elsewhere: on the CPU the compile (about 35 s per shape) costs the demo and the tests more than it saves, and
+    torch_xla has no fused draw."""
+    return "counter-fused" if torch.device(device).type == "cuda" else "generator"
+
+
 def particle_noise(kind: str, seeds: Sequence[int], device: torch.device | str) -> ParticleNoise:
     """The per-particle streams of ``kind`` (``noise`` in configs/default.yaml): generator (one torch.Generator per
     particle), counter (:class:`CounterNoise`) or counter-fused (the same streams, drawn by one compiled kernel)."""

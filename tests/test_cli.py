@@ -63,6 +63,8 @@ def check_outputs(root: Path, images: int, particles: int, levels: int, latent: 
     assert metrics["num_images_done"] == metrics["num_images_planned"] == timing["images_done"] == images
     assert metrics["pid"] == timing["pid"] and isinstance(metrics["heartbeat_unix"], float)
     assert metrics["sampler"]["latent"] is latent
+    assert metrics["noise"] == "generator"  # noise: auto on the CPU, resolved and recorded
+    assert "noise: generator" in (root / "config.yaml").read_text()
     assert set(metrics["eval"]) == {"psnr", "ssim", "lpips"}
     assert metrics["eval"]["lpips"]["available"] or metrics["eval"]["lpips"]["reason"]
     assert {"name", "type", "versions"} <= set(metrics["device"]) and "explore" in metrics["peak_memory"]

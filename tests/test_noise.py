@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from cores.noise import CounterNoise, hash32, particle_noise, particle_seed
+from cores.noise import CounterNoise, auto_kind, hash32, particle_noise, particle_seed
 from cores.operators import PhaseRetrieval
 from sampler import ParticleId, build_sampler, start_particles
 
@@ -112,3 +112,8 @@ def test_in_the_loop_results_are_batch_invariant_and_resume_exactly(gmm):
     buf.seek(0)
     resumed = run(d, y, SEEDS[:4], resume_from=torch.load(buf, weights_only=True))
     assert torch.equal(resumed.x, straight.x)
+
+
+def test_auto_noise_is_the_fused_counter_on_cuda_only():
+    assert auto_kind(torch.device("cuda", 0)) == "counter-fused"
+    assert auto_kind("cpu") == "generator" and auto_kind("xla:0") == "generator"

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from cores.models import Denoiser, build_model
-from cores.noise import NOISE
+from cores.noise import NOISE, auto_kind
 from cores.operators import Operator, build_operator
 from sampler import DAPS, build_sampler
 from utils.config import CONFIGS, check_composed, check_experiment_order
@@ -73,7 +73,7 @@ class RunParts:
         cfg = self.cfg
         return {"name": cfg.name, "task": self.operator.name, "task_group": cfg.task_group,
                 "particles_per_image": self.particles_per_image, "num_samples": cfg.num_samples,
-                "num_runs": cfg.num_runs, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "num_runs": cfg.num_runs, "batch_size": cfg.batch_size, "seed": cfg.seed, "noise": cfg.noise,
                 "num_images_planned": len(self.dataset),
                 "eval": self.evaluator.status, "sampler": self.sampler.describe(), "device": device_info(self.device)}
 
@@ -132,8 +132,8 @@ def check_counts(cfg: DictConfig) -> None:
     for key in ("num_samples", "num_runs", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg.noise not in NOISE:
-        raise UserError(f"noise must be one of {', '.join(NOISE)}, got {cfg.noise!r}")
+    if cfg.noise not in (*NOISE, "auto"):
+        raise UserError(f"noise must be auto or one of {', '.join(NOISE)}, got {cfg.noise!r}")
 
 
 def sweep_job() -> bool:
@@ -191,6 +191,8 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
     check_counts(cfg)
     dist = init_distributed(cfg.gpu, cfg.use_tpu)
     device = _step("device", get_device, cfg.gpu, cfg.use_tpu, dist)
+    if cfg.noise == "auto":  # written back, so config.yaml and the results header show the streams used
+        cfg.noise = auto_kind(device)
     dataset = _step("data", build_dataset, data_cfg)
     shape = tuple(dataset[0].image.shape)
     operator = _step(f"operator (task.{cfg.task_group}.operator)", build_operator, group["operator"], cfg.seed)
