@@ -86,14 +86,20 @@ def run(d, y, seeds, kind="counter", **kw):
 
 
 def test_fused_draws_are_the_eager_draws_and_xla_is_refused():
-    """noise=counter-fused: the compiled draw gives the eager CounterNoise's numbers exactly, through select and
-    reseed (one compile per shape, so the batch keeps its size; about half a minute on 2 CPU cores)."""
+    """noise=counter-fused: the compiled draw gives the eager CounterNoise's numbers exactly, through select (a prune
+    to fewer particles) and reseed, with one compile for every particle count and (odd) draw size (about half a minute
+    on 2 CPU cores)."""
+    from torch._dynamo.utils import counters
+
     eager, fused = CounterNoise(SEEDS[:6]), particle_noise("counter-fused", SEEDS[:6], "cpu")
     for _ in range(2):
         assert torch.equal(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
         assert torch.equal(fused.rand(), eager.rand())
-    eager, fused = eager.select([4, 1, 0, 5, 2, 3]).reseed({1: 7}), fused.select([4, 1, 0, 5, 2, 3]).reseed({1: 7})
-    assert fused.fused and torch.equal(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
+    graphs = counters["stats"]["unique_graphs"]
+    eager, fused = eager.select([4, 1, 0, 5]).reseed({1: 7}), fused.select([4, 1, 0, 5]).reseed({1: 7})
+    assert fused.fused and len(fused) == 4 and torch.equal(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
+    assert torch.equal(fused.randn((3, 5, 1)), eager.randn((3, 5, 1)))
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile for 4 particles or 15 values
     with pytest.raises(ValueError, match="use noise=counter there"):
         CounterNoise(SEEDS[:2], "meta", fused=True)
 
