@@ -8,6 +8,11 @@
 #               checkout with FAST (B)
 #   ldm_base    the same on the latent prior (50 levels)
 #   px_noise    this checkout, pixel prior, 20 images: noise=generator (A) against FAST (B)
+#   adm_base    DAPS-1K pixel_hmc with the ffhq256 ADM architecture (random weights, scripts/make_random_model.py),
+#               the 10 demo-natural images x num_samples=4 in one batch (the issue's target setting): BASE_CODE
+#               against FAST; about 240 s per baseline run on an H100, so REPEATS=1 fits one device call
+#   ldm256_base LatentDAPS `ldm` with the LDM-FFHQ architecture (random weights), 2 demo-natural images x 4
+#               (N_IMAGES and BATCH_SIZE do not apply to these two: their sizes are the issue's)
 #
 #   BASE_CODE=DIR bash scripts/speed_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE=20] [RUNS=all]
 #
@@ -43,3 +48,15 @@ bench() {  # bench NAME GROUPS [bench_daps.py options]: one A/B pair of sides
 bench px_base "$PIXEL" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
+natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES: a 256 px architecture with random weights, BASE_CODE vs FAST
+    local name=$1 model=$2 groups=$3 images=$4
+    device_selected "$name" || return 0
+    [ -d "$SAVE/rand/$model" ] || $PY scripts/make_random_model.py --config "configs/model/$model.yaml" \
+        --out "$SAVE/rand/$model" > "$SAVE/rand_$model.txt" 2>&1
+    device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/$name" \
+        --json "$SAVE/$name.json" --a-code "${BASE_CODE:-.}" --b "$FAST" --common "+data=demo-natural \
++task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images \
+batch_size=$images num_samples=4 gpu=$GPU eval_fn_list=[psnr] save_samples=false ${SPEED_OVERRIDES:-}"
+}
+natural adm_base ffhq256ddpm "+sampler=edm_daps task_group=pixel_hmc +sampler.diffusion_scheduler_config.solver=euler" 10
+natural ldm256_base ffhq256ldm "+sampler=latent_edm_daps task_group=ldm" 2
