@@ -95,3 +95,21 @@ def test_every_script_runs_its_smallest_size_on_the_embedded_prior(tmp_path):
         assert (report / f"{png}.png").stat().st_size > 1000, png
     md = (report / "report.md").read_text()
     assert "oracle" in md and "no run recorded peak memory" in md  # the CPU tracks no peak memory
+
+
+def test_device_driver_starts_every_stream_and_records_it(tmp_path):
+    """scripts/suite_device.sh (the suite in concurrent streams for one device call), as a dry run: each stream's
+    scripts in order, with the prior and the extra arguments, one line per run in streams.txt."""
+    env = {**os.environ, "PY": sys.executable, "SUITE_EXTRA": "batch_size=100 --dry-run"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "suite_device.sh"), str(tmp_path), "100"], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    runs = {line.split()[0]: line.split()[1] for line in (tmp_path / "streams.txt").read_text().splitlines()}
+    expected = {f"{e}_fmnist-{p}" for e in EXPERIMENTS for p in ("ldm", "pixel")} | {"exp5_final_fmnist-ldm"}
+    assert set(runs) == expected and set(runs.values()) == {"rc=0"}
+    latent = (tmp_path / "logs" / "exp2_pruning_fmnist-ldm.txt").read_text()
+    assert "+model=fmnist32ldm" in latent and "name=exp2_pruning_100_fmnist-ldm batch_size=100" in latent
+    assert "+model=fmnist32ddpm" in (tmp_path / "logs" / "exp4_optimization_fmnist-pixel.txt").read_text()
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "suite_device.sh"), str(tmp_path / "b"), "10", "gpu"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert "unknown stream gpu" in bad.stderr
