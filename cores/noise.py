@@ -170,26 +170,34 @@ class CounterNoise(ParticleNoise):
                              f"device, not {self.device.type}: use noise=counter there")
         self.fused = fused
         self.seeds = [int(s) for s in seeds]
-        self.counters = [0] * len(self.seeds) if counters is None else [int(c) for c in counters]
+        # every counter advances by one per draw: the host keeps the start values and the number of draws since
+        self._start = [0] * len(self.seeds) if counters is None else [int(c) for c in counters]
+        self._draws = 0
+        self._last = max(self._start, default=0)
         # on the device once: the seeds' halves and the counters, so that a draw needs no host-to-device copy
         with allow_sync():
             halves = torch.tensor([[s & MASK32, (s >> 32) & MASK32] for s in self.seeds], dtype=torch.int64)
             self._halves = halves.reshape(-1, 2).to(self.device)
-            self._count = torch.tensor(self.counters, dtype=torch.int64).to(self.device)
+            self._count = torch.tensor(self._start, dtype=torch.int64).to(self.device)
         self._elements: dict[int, torch.Tensor] = {}
+
+    @property
+    def counters(self) -> list[int]:
+        """Each particle's number of draws so far (its next draw's counter)."""
+        return [c + self._draws for c in self._start]
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def _draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The counters and hashed element indices of the next draw of ``count`` values; advances every counter."""
-        if max(self.counters, default=0) >= 2**32:
+        if self._last + self._draws >= 2**32:
             raise RuntimeError("CounterNoise: a particle made 2^32 draws; its stream would repeat")
         if count not in self._elements:  # h(j) of the element indices, per draw size
             self._elements[count] = hash32(torch.arange(count, dtype=torch.int64, device=self.device))
         count_now = self._count
         self._count = self._count + 1
-        self.counters = [c + 1 for c in self.counters]
+        self._draws += 1
         return count_now, self._elements[count]
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
