@@ -71,6 +71,16 @@ class Denoiser(torch.nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def networks(self) -> list[torch.nn.Module]:
+        """The networks that :meth:`compile_networks` compiles (none for analytic priors)."""
+        return []
+
+    def compile_networks(self, mode: str) -> None:
+        """torch.compile each of :meth:`networks` in place (``nn.Module.compile``: the weights and state_dict keys
+        stay as they are) in ``mode`` ("default" or a torch.compile mode); the first call per input shape compiles."""
+        for net in self.networks():
+            net.compile(mode=None if mode == "default" else mode)
+
     @property
     def device(self) -> torch.device:
         for t in list(self.parameters()) + list(self.buffers()):
@@ -235,6 +245,9 @@ class VPEpsDenoiser(Denoiser):
     def sigma_at_time(self, t: float) -> float:
         return self.timesteps.sigma(t * (self.timesteps.num_train_timesteps - 1) / 1000.0)
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.net]
+
 
 def read_class_labels(path: str | Path) -> dict[str, int]:
     """Class labels per image from a JSON object {key: label} or a CSV file of rows ``key,label`` (a first row
@@ -370,6 +383,10 @@ class LatentDenoiser(Denoiser):
             else:
                 x = self.autoencoder.decode(h).sample
         return x.float()
+
+    def networks(self) -> list[torch.nn.Module]:
+        """The UNet and the decoder's convolution stack (the MCMC steps run its forward and backward)."""
+        return [*self.unet.networks(), self.autoencoder.decoder]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         enc = self.autoencoder.encode(x)

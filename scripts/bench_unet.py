@@ -1,16 +1,23 @@
-"""Time one UNet forward (as the PF-ODE calls it, no grad) on the GPU: fp32, bf16 autocast, bf16 + channels_last.
+"""Time the networks of a model as the sampler calls them, on the GPU, in several variants: the UNet's forward (the
+PF-ODE, no grad) and, for latent models, the decoder's forward and backward (every MCMC step of LatentDAPS).
 
-    python scripts/bench_unet.py --model checkpoints/random/ffhq256ddpm [--batch 10] [--gflop 388]
+    python scripts/bench_unet.py --model checkpoints/random/ffhq256ddpm [--batch 10 40] [--gflop 388] [--variants ...]
 
-Prints the median milliseconds per batch and per image over 20 timed calls (CUDA events, after 5 warm-ups),
-and, given --gflop (forward GFLOP per image; 388 for the ffhq256 ADM), the achieved TFLOP/s.
+Variants (``--variants``, default all): fp32, fp32+bench, bf16, bf16+cl+bench, compile, compile+bf16+cl, where
+``bf16`` is the model's ``dtype: bfloat16`` (autocast), ``cl`` its ``channels_last``, ``bench``
+``torch.backends.cudnn.benchmark`` and ``compile`` ``Denoiser.compile_networks("default")`` (compile.network).
+Prints the median milliseconds per batch and per image over 20 timed calls (CUDA events, after 5 warm-ups; a
+compiled variant's first call, the compile, is printed as well), the largest difference of the output from fp32's,
+and given --gflop (forward GFLOP per image; 388 for the ffhq256 ADM), the achieved TFLOP/s.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,21 +25,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cores.models import build_model  # noqa: E402
 
+VARIANTS = {  # name: (model options, cudnn.benchmark, compile)
+    "fp32": ({}, False, False),
+    "fp32+bench": ({}, True, False),
+    "bf16": ({"dtype": "bfloat16"}, False, False),
+    "bf16+cl+bench": ({"dtype": "bfloat16", "channels_last": True}, True, False),
+    "compile": ({}, True, True),
+    "compile+bf16+cl": ({"dtype": "bfloat16", "channels_last": True}, True, True),
+}
 
-def time_denoise(model, batch: int, reps: int = 20) -> float:
-    x = torch.randn(batch, *model.in_shape, device="cuda")
-    for _ in range(5):
-        model.denoise(x, 1.0)
+
+def cuda_ms(fn: Callable[[], torch.Tensor], reps: int = 20) -> tuple[float, float]:
+    """(first call's seconds, median ms of ``reps`` calls after 5 warm-ups)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    for _ in range(4):
+        fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        with torch.no_grad():
-            model.denoise(x, 1.0)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        times.append(begin.elapsed_time(end))
+    return first, statistics.median(times)
+
+
+def decode_backward(model, z: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        zz = z.detach().requires_grad_(True)
+        return torch.autograd.grad(model.decode(zz).sum(), zz)[0]
+    return run
 
 
 def main() -> None:
@@ -40,16 +67,32 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, nargs="+", default=[10])
     ap.add_argument("--gflop", type=float, default=None)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
-    print("| variant | batch | ms / batch | ms / image | TFLOP/s |\n|---|---|---|---|---|")
-    for name, kw in (("fp32", {}), ("bf16", {"dtype": "bfloat16"}),
-                     ("bf16 + channels_last", {"dtype": "bfloat16", "channels_last": True})):
-        model = build_model({"name": "diffusers", "path": args.model, **kw}, torch.device("cuda"))
+    print("| network | variant | batch | ms / batch | ms / image | TFLOP/s | first call s | max abs diff vs fp32 |\n"
+          "|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs: dict[int, torch.Tensor] = {}
+    reference: dict[tuple[str, int], torch.Tensor] = {}  # the first variant's outputs
+    for name in args.variants:
+        options, bench, compiled = VARIANTS[name]
+        torch.backends.cudnn.benchmark = bench
+        model = build_model({"name": "diffusers", "path": args.model, **options}, torch.device("cuda"))
+        if compiled:
+            model.compile_networks("default")
         for b in args.batch:
-            ms = time_denoise(model, b)
-            tflops = f"{args.gflop * b / ms:.0f}" if args.gflop else "-"
-            print(f"| {name} | {b} | {ms:.2f} | {ms / b:.2f} | {tflops} |")
+            x = inputs.setdefault(b, torch.randn(b, *model.in_shape, device="cuda", generator=gen))
+            calls = {"unet": torch.no_grad()(lambda: model.denoise(x, 1.0))}
+            if model.latent:
+                calls["decoder fwd+bwd"] = decode_backward(model, x)
+            for net, call in calls.items():
+                first, ms = cuda_ms(call)
+                out = call().float()
+                diff = (out - reference.setdefault((net, b), out)).abs().max().item()
+                tflops = f"{args.gflop * b / ms:.0f}" if args.gflop and net == "unet" else "-"
+                print(f"| {net} | {name} | {b} | {ms:.2f} | {ms / b:.3f} | {tflops} | {first:.1f} | {diff:.2e} |",
+                      flush=True)
         del model
         torch.cuda.empty_cache()
 

@@ -8,6 +8,11 @@
 #               checkout with FAST (B)
 #   ldm_base    the same on the latent prior (50 levels)
 #   px_noise    this checkout, pixel prior, 20 images: noise=generator (A) against FAST (B)
+#   px_compile  this checkout, pixel prior: compile.mcmc=none (A) against default (B), both with FAST
+#   px_graphs   the same, compile.mcmc=default (A) against reduce-overhead (B, CUDA graphs)
+#   nets_adm    scripts/bench_unet.py, the ffhq256 ADM's UNet at batch 40 (random weights): fp32, bf16, channels_last,
+#               cudnn.benchmark, compiled (NET_VARIANTS picks some)
+#   nets_ldm    the same for the LDM-FFHQ UNet and its decoder's forward and backward, batch 10
 #   adm_base    DAPS-1K pixel_hmc with the ffhq256 ADM architecture (random weights, scripts/make_random_model.py),
 #               the 10 demo-natural images x num_samples=4 in one batch (the issue's target setting): BASE_CODE
 #               against FAST; about 240 s per baseline run on an H100, so REPEATS=1 fits one device call
@@ -48,11 +53,26 @@ bench() {  # bench NAME GROUPS [bench_daps.py options]: one A/B pair of sides
 bench px_base "$PIXEL" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
+bench px_compile "$PIXEL" --a "$FAST compile.mcmc=none" --b "$FAST compile.mcmc=default"
+bench px_graphs "$PIXEL" --a "$FAST compile.mcmc=default" --b "$FAST compile.mcmc=reduce-overhead"
+random_model() {  # random_model MODEL: configs/model/MODEL.yaml's architecture with random weights in $SAVE/rand/MODEL
+    [ -d "$SAVE/rand/$1" ] || $PY scripts/make_random_model.py --config "configs/model/$1.yaml" --out "$SAVE/rand/$1" \
+        > "$SAVE/rand_$1.txt" 2>&1
+}
+nets() {  # nets NAME MODEL BATCH [GFLOP]: scripts/bench_unet.py's variants (NET_VARIANTS, default all)
+    local name=$1 model=$2 batch=$3
+    device_selected "$name" || return 0
+    random_model "$model"
+    # shellcheck disable=SC2086
+    device_run "$name" "$name" $PY scripts/bench_unet.py --model "$SAVE/rand/$model" --batch "$batch" \
+        ${4:+--gflop $4} ${NET_VARIANTS:+--variants $NET_VARIANTS}
+}
+nets nets_adm ffhq256ddpm 40 388
+nets nets_ldm ffhq256ldm 10
 natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES: a 256 px architecture with random weights, BASE_CODE vs FAST
     local name=$1 model=$2 groups=$3 images=$4
     device_selected "$name" || return 0
-    [ -d "$SAVE/rand/$model" ] || $PY scripts/make_random_model.py --config "configs/model/$model.yaml" \
-        --out "$SAVE/rand/$model" > "$SAVE/rand_$model.txt" 2>&1
+    random_model "$model"
     device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/$name" \
         --json "$SAVE/$name.json" --a-code "${BASE_CODE:-.}" --b "$FAST" --common "+data=demo-natural \
 +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images \
