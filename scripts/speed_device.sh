@@ -9,7 +9,9 @@
 #   ldm_base    the same on the latent prior (50 levels)
 #   px_noise    this checkout, pixel prior, 20 images: noise=generator (A) against FAST (B)
 #   px_compile  this checkout, pixel prior: compile.mcmc=none (A) against default (B), both with FAST
-#   px_graphs   the same, compile.mcmc=default (A) against reduce-overhead (B, CUDA graphs)
+#   px_bf16     this checkout, pixel prior: FAST (A) against FAST + the UNet in bf16, channels_last, compiled (B)
+#   step        scripts/bench_mcmc_step.py: one level of the pixel MCMC, eager against compiled, at Fashion-MNIST
+#               (langevin, 400 x 1 x 32 x 32) and FFHQ (hmc, 40 x 3 x 256 x 256) sizes
 #   nets_adm    scripts/bench_unet.py, the ffhq256 ADM's UNet at batch 40 (random weights): fp32, bf16, channels_last,
 #               cudnn.benchmark, compiled (NET_VARIANTS picks some)
 #   nets_ldm    the same for the LDM-FFHQ UNet and its decoder's forward and backward, batch 10
@@ -30,6 +32,7 @@ set -u
 source "$(dirname "$0")/device_run.sh"
 device_args "$1" "$2" "${3:-20}" "${4:-all}"
 FAST=${FAST:-noise=counter-fused}
+BF16="model.dtype=bfloat16 +model.channels_last=true compile.network=default"
 REPEATS=${REPEATS:-2}
 PIXEL="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
 LATENT="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
@@ -53,8 +56,10 @@ bench() {  # bench NAME GROUPS [bench_daps.py options]: one A/B pair of sides
 bench px_base "$PIXEL" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
+device_run step step_fmnist $PY scripts/bench_mcmc_step.py --kernel langevin --steps 100 --batch 400 --size 32
+device_run step step_ffhq $PY scripts/bench_mcmc_step.py --kernel hmc --steps 62 --batch 40 --size 256 --channels 3
 bench px_compile "$PIXEL" --a "$FAST compile.mcmc=none" --b "$FAST compile.mcmc=default"
-bench px_graphs "$PIXEL" --a "$FAST compile.mcmc=default" --b "$FAST compile.mcmc=reduce-overhead"
+bench px_bf16 "$PIXEL" --a "$FAST" --b "$FAST $BF16"
 random_model() {  # random_model MODEL: configs/model/MODEL.yaml's architecture with random weights in $SAVE/rand/MODEL
     [ -d "$SAVE/rand/$1" ] || $PY scripts/make_random_model.py --config "configs/model/$1.yaml" --out "$SAVE/rand/$1" \
         > "$SAVE/rand_$1.txt" 2>&1
