@@ -24,6 +24,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any, Callable, Iterator
 
@@ -177,6 +178,7 @@ class Run:
         with StopSignals() as signals:
             try:
                 try:
+                    self.warm_up()
                     for items in self.chunks():
                         self.run_chunk(items)
                 finally:
@@ -197,6 +199,19 @@ class Run:
         if reraise is not None:
             raise reraise
         return code
+
+    def warm_up(self) -> None:
+        """Compile the networks of a compiled model (``model.compile``) for a full chunk's particles before the
+        sampling clock starts, so that the sampling time is the compiled networks' own (a smaller last chunk, a prune
+        or K2's particle count compiles once more, inside sampling)."""
+        model = self.parts.model
+        if model.compiled == "none" or not self.todo:
+            return
+        n = min(self.cfg.batch_size, len(self.todo)) * self.cfg.num_samples
+        start = time.perf_counter()
+        model.warm_up(n)
+        log.info("model.compile=%s: compiled the networks for %d particles in %.1f s", model.compiled, n,
+                 time.perf_counter() - start)
 
     def chunks(self) -> Iterator[list]:
         bs = self.cfg.batch_size

@@ -67,7 +67,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Any, Callable
 
 import torch
@@ -218,25 +217,6 @@ def _leapfrog(target: Target, state: tuple[torch.Tensor, ...], p: torch.Tensor, 
     return proposal, (-logp + 0.5 * _sqnorm(p)) - (-proposal[1] + 0.5 * _sqnorm(pn))
 
 
-COMPILE_MODES = ("none", "default")
-
-
-@lru_cache(maxsize=None)
-def compiled_step(step: Callable[..., Any], mode: str) -> Callable[..., Any]:
-    """torch.compile of a kernel's step function, once per function and mode in a process.
-
-    Dynamo traces through ``target.grad``: with the operator's closed-form gradient (pixel phase retrieval: an FFT,
-    an inverse FFT and elementwise work) the elementwise work fuses into a few kernels around the two FFTs. The
-    level's floats (lr, r, the momentum) are not specialised and a level's new Target and closures match the same
-    guards, so one compile serves every level (tests/test_mcmc_compile.py). (CUDA graphs, mode "reduce-overhead",
-    failed: a level's first step reads the previous step's graph output after the next replay overwrote it.)
-    Autograd inside the step (latent targets: the decoder's backward) would break the graph, so the sampler keeps
-    latent steps eager (``compile.mcmc`` in configs/default.yaml)."""
-    if mode not in COMPILE_MODES[1:]:
-        raise ValueError(f"MCMC step compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    return torch.compile(step, mode=None if mode == "default" else mode)
-
-
 @dataclass
 class Kernel:
     """Base of the kernel role: ``num_steps`` updates per level with step lr (1 + ratio (lr_min_ratio - 1))."""
@@ -244,14 +224,8 @@ class Kernel:
     num_steps: int
     lr: float
     lr_min_ratio: float = 1.0
-    compile: str = "none"
     needs_log_prob = False
     name = "kernel"
-
-    def stepper(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        """``step``, the kernel's per-step update, compiled in the torch.compile mode ``compile`` unless it is "none"
-        (:func:`compiled_step`)."""
-        return step if self.compile == "none" else compiled_step(step, self.compile)
 
     def lr_at(self, ratio: float) -> float:
         return self.lr * (1.0 + ratio * (self.lr_min_ratio - 1.0))
@@ -275,18 +249,12 @@ class Langevin(Kernel):
     name = "langevin"
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
-        step, loss = self.stepper(_langevin_step), None
-        x = x.clone()  # not an alias of the prior mean, which would cost the compiled step a second trace
+        loss = None
         for _ in range(self.num_steps):
-            x, loss = step(target, x, noise.randn_like(x), lr)
+            g, loss = target.grad(x)
+            x = x + lr * g + math.sqrt(2 * lr) * noise.randn_like(x)
             end_step(x, loss)
         return KernelOutput(x, loss)
-
-
-def _langevin_step(target: Target, x: torch.Tensor, n: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x' = x + lr grad log pi(x) + sqrt(2 lr) n; returns (x', L(x))."""
-    g, loss = target.grad(x)
-    return x + lr * g + math.sqrt(2 * lr) * n, loss
 
 
 @dataclass
@@ -300,20 +268,13 @@ class DampedHMC(Kernel):
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         m, h = self.momentum, math.sqrt(lr)
         v = noise.randn_like(x)
-        step, loss = self.stepper(_damped_hmc_step), None
-        x = x.clone()  # as Langevin.run
+        loss = None
         for _ in range(self.num_steps):
-            x, v, loss = step(target, x, v, noise.randn_like(x), m, h)
+            g, loss = target.grad(x)
+            v = m * v + h * g + math.sqrt(2 * (1 - m)) * noise.randn_like(x)
+            x = x + h * v
             end_step(x, v, loss)
         return KernelOutput(x, loss)
-
-
-def _damped_hmc_step(target: Target, x: torch.Tensor, v: torch.Tensor, n: torch.Tensor, m: float, h: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """v' = m v + h grad log pi(x) + sqrt(2 (1 - m)) n, x' = x + h v'; returns (x', v', L(x))."""
-    g, loss = target.grad(x)
-    v = m * v + h * g + math.sqrt(2 * (1 - m)) * n
-    return x + h * v, v, loss
 
 
 @dataclass

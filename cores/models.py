@@ -71,15 +71,39 @@ class Denoiser(torch.nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    compiled = "none"
+
     def networks(self) -> list[torch.nn.Module]:
         """The networks that :meth:`compile_networks` compiles (none for analytic priors)."""
         return []
 
     def compile_networks(self, mode: str) -> None:
-        """torch.compile each of :meth:`networks` in place (``nn.Module.compile``: the weights and state_dict keys
-        stay as they are) in ``mode`` ("default" or a torch.compile mode); the first call per input shape compiles."""
+        """torch.compile each of :meth:`networks` in place (``nn.Module.compile``: the weights and state_dict keys stay
+        as they are) in ``mode``, one of :data:`COMPILE_MODES` ("default": torch.compile's default mode); the first
+        call per input shape compiles (:meth:`warm_up` does it before the sampling clock starts)."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"model compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        if mode == "none":
+            return
         for net in self.networks():
             net.compile(mode=None if mode == "default" else mode)
+        self.compiled = mode
+
+    def warm_up(self, batch: int) -> None:
+        """Run compiled networks once on ``batch`` particles as the sampler does, so that their compiles happen now:
+        the denoiser without gradient and, for latent models, the decoder without and with its backward (the MCMC
+        steps). Nothing to do for uncompiled models."""
+        if self.compiled == "none":
+            return
+        x = torch.zeros(batch, *self.in_shape, device=self.device)
+        with torch.no_grad():
+            self.denoise(x, 1.0)
+            if self.latent:
+                self.decode(x)
+        if self.latent:
+            with torch.enable_grad():
+                z = x.requires_grad_(True)
+                torch.autograd.grad(self.decode(z).sum(), z)
 
     @property
     def device(self) -> torch.device:
@@ -203,6 +227,7 @@ def timestep_map(mapping: str, alphas_cumprod: torch.Tensor | None) -> ScheduleT
     raise ValueError(f"unknown sigma_mapping {mapping!r}: choose one of {', '.join(SIGMA_MAPPINGS)}")
 
 
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")  # the model config's ``compile``
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -403,7 +428,7 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
 @register("diffusers")
 def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "float32", quantize: bool = True,
                     channels_last: bool = False, class_label: int | None = None, class_labels_file: str | None = None,
-                    **unused: Any) -> Denoiser:
+                    compile: str = "none", **unused: Any) -> Denoiser:
     """A pixel or latent model folder: ``denoiser.json``, ``unet/``, ``scheduler/`` (+ ``vqvae/`` or ``vae/``,
     + ``class_embedding.safetensors`` for a class-conditional UNet).
 
@@ -412,7 +437,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     DDPMScheduler the UNet was trained with (its alphas_cumprod map sigma to the timestep). With
     ``class_conditional`` ({num_classes, unconditional_class}) the UNet is a UNet2DConditionModel behind
     :class:`ClassConditionalEps`: ``class_label`` (default: the unconditional class) and ``class_labels_file``
-    (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors.
+    (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors. ``compile``
+    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`).
     """
     if unused:
         raise ValueError(f"unknown diffusers model keys: {sorted(unused)}")
@@ -444,13 +470,15 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
         raise ValueError(f"{root} is not class-conditional: class_label / class_labels_file do not apply")
     else:
         eps_net = VPEpsDenoiser(unet, mapping, latent_shape, **kwargs)
-    if meta["kind"] == "pixel":
-        return eps_net
-    if meta["kind"] != "latent":
+    if meta["kind"] not in ("pixel", "latent"):
         raise ValueError(f"{meta_path}: kind must be 'pixel' or 'latent', got {meta['kind']!r}")
-    ae_cls, sub = (VQModel, "vqvae") if meta["autoencoder"] == "vq" else (AutoencoderKL, "vae")
-    ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True, low_cpu_mem_usage=False)
-    return LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
+    model: Denoiser = eps_net
+    if meta["kind"] == "latent":
+        ae_cls, sub = (VQModel, "vqvae") if meta["autoencoder"] == "vq" else (AutoencoderKL, "vae")
+        ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True, low_cpu_mem_usage=False)
+        model = LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
+    model.compile_networks(compile)
+    return model
 
 
 def _official(kind: str, checkpoint: str, architecture: dict, converted: str, download: str = "",
@@ -482,9 +510,12 @@ def ldm_model(checkpoint: str, architecture: dict, converted: str, sigma_mapping
 
 
 def build_model(cfg: dict, device: torch.device | str = "cpu") -> Denoiser:
-    """Model from its config: ``name`` picks the builder, the other keys are its arguments."""
+    """Model from its config: ``name`` picks the builder, the other keys are its arguments. ``compile: auto`` is
+    "default" on CUDA and "none" elsewhere (the CPU pays a compile of a minute or more; torch_xla compiles its own)."""
     cfg = dict(cfg)
     name = cfg.pop("name", None)
+    if cfg.get("compile") == "auto":
+        cfg["compile"] = "default" if torch.device(device).type == "cuda" else "none"
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
     model = MODELS[name](**cfg)

@@ -143,13 +143,11 @@ class PhaseRetrieval(Operator):
         if x.device.type not in NATIVE_FFT_DEVICES or u.shape[-2] % 2 or u.shape[-1] % 2:
             return super().gradient(x, y)
         sign = checkerboard(u.shape[-2], u.shape[-1], u.device, u.dtype)
-        # the elementwise work on (re, im) pairs, real tensors that torch.compile fuses (it leaves complex ones eager)
-        spec = torch.view_as_real(torch.fft.fft2(u * sign, norm="ortho"))
-        mag = torch.hypot(spec[..., 0], spec[..., 1])
+        spec = torch.fft.fft2(u * sign, norm="ortho")
+        mag = spec.abs()
         r = mag - y
-        scale = r / torch.where(mag > 0, mag, torch.ones_like(mag))  # U = 0 exactly where |U| = 0
-        back = torch.view_as_complex(spec * scale.unsqueeze(-1))
-        du = torch.view_as_real(torch.fft.ifft2(back, norm="ortho"))[..., 0] * sign
+        back = r * spec / torch.where(mag > 0, mag, torch.ones_like(mag))  # U = 0 exactly where |U| = 0
+        du = torch.fft.ifft2(back, norm="ortho").real * sign
         return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], r.pow(2).flatten(1).sum(-1)
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -8,10 +8,7 @@
 #               checkout with FAST (B)
 #   ldm_base    the same on the latent prior (50 levels)
 #   px_noise    this checkout, pixel prior, 20 images: noise=generator (A) against FAST (B)
-#   px_compile  this checkout, pixel prior: compile.mcmc=none (A) against default (B), both with FAST
 #   px_bf16     this checkout, pixel prior: FAST (A) against FAST + the UNet in bf16, channels_last, compiled (B)
-#   step        scripts/bench_mcmc_step.py: one level of the pixel MCMC, eager against compiled, at Fashion-MNIST
-#               (langevin, 400 x 1 x 32 x 32) and FFHQ (hmc, 40 x 3 x 256 x 256) sizes
 #   nets_adm    scripts/bench_unet.py, the ffhq256 ADM's UNet at batch 40 (random weights): fp32, bf16, channels_last,
 #               cudnn.benchmark, compiled (NET_VARIANTS picks some)
 #   nets_ldm    the same for the LDM-FFHQ UNet and its decoder's forward and backward, batch 10
@@ -32,7 +29,7 @@ set -u
 source "$(dirname "$0")/device_run.sh"
 device_args "$1" "$2" "${3:-20}" "${4:-all}"
 FAST=${FAST:-noise=counter-fused}
-BF16="model.dtype=bfloat16 +model.channels_last=true compile.network=default"
+BF16="model.dtype=bfloat16 +model.channels_last=true model.compile=default"
 REPEATS=${REPEATS:-2}
 PIXEL="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
 LATENT="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
@@ -48,17 +45,21 @@ for noise in generator counter-fused; do
     device_run profile "profile_$noise" $PY scripts/profile_level.py -- $COMMON $PIXEL data.end_id=100 batch_size=100 \
         sampler.annealing_scheduler_config.num_steps=3 noise=$noise save_dir="$SAVE/profile" name=$noise
 done
+flat_metrics() {  # flat_metrics NAME: each run's metrics.json as $SAVE/NAME_<side>_metrics.json (for parse_metrics.py)
+    local m
+    for m in "$SAVE/$1"/*/run/metrics.json; do
+        [ -f "$m" ] && cp "$m" "$SAVE/$1_$(basename "$(dirname "$(dirname "$m")")")_metrics.json"
+    done
+}
 bench() {  # bench NAME GROUPS [bench_daps.py options]: one A/B pair of sides
     local name=$1 groups=$2; shift 2
     device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/$name" \
         --json "$SAVE/$name.json" --common "$COMMON $groups" "$@"
+    flat_metrics "$name"
 }
 bench px_base "$PIXEL" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
-device_run step step_fmnist $PY scripts/bench_mcmc_step.py --kernel langevin --steps 100 --batch 400 --size 32
-device_run step step_ffhq $PY scripts/bench_mcmc_step.py --kernel hmc --steps 62 --batch 40 --size 256 --channels 3
-bench px_compile "$PIXEL" --a "$FAST compile.mcmc=none" --b "$FAST compile.mcmc=default"
 bench px_bf16 "$PIXEL" --a "$FAST" --b "$FAST $BF16"
 random_model() {  # random_model MODEL: configs/model/MODEL.yaml's architecture with random weights in $SAVE/rand/MODEL
     [ -d "$SAVE/rand/$1" ] || $PY scripts/make_random_model.py --config "configs/model/$1.yaml" --out "$SAVE/rand/$1" \
@@ -82,6 +83,7 @@ natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES: a 256 px architecture w
         --json "$SAVE/$name.json" --a-code "${BASE_CODE:-.}" --b "$FAST" --common "+data=demo-natural \
 +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images \
 batch_size=$images num_samples=4 gpu=$GPU eval_fn_list=[psnr] save_samples=false ${SPEED_OVERRIDES:-}"
+    flat_metrics "$name"
 }
 natural adm_base ffhq256ddpm "+sampler=edm_daps task_group=pixel_hmc +sampler.diffusion_scheduler_config.solver=euler" 10
 natural ldm256_base ffhq256ldm "+sampler=latent_edm_daps task_group=ldm" 2

@@ -110,3 +110,41 @@ def test_bad_model_keys(tmp_path, pixel_model_dir):
         build_model({"name": "diffusers", "path": str(pixel_model_dir), "sigma_mapping": "banana"})
     meta = json.loads((pixel_model_dir / "denoiser.json").read_text())
     assert meta["kind"] == "pixel"
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: its trace and guards without inductor's code generation (a minute
+    per network on 2 CPU cores; inductor's speed and numbers are measured on the GPU, docs/benchmarks.md)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    plain = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: plain(fn, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["pixel", "latent"])
+def test_compiled_networks_warm_up_once_and_match(eager_compile, kind, pixel_model_dir, latent_model_dir):
+    path = str(pixel_model_dir if kind == "pixel" else latent_model_dir)
+    plain = build_model({"name": "diffusers", "path": path})
+    fast = build_model({"name": "diffusers", "path": path, "compile": "default"})
+    assert fast.compiled == "default" and plain.compiled == "none"
+    assert list(fast.state_dict()) == list(plain.state_dict())  # in-place compile: checkpoints keep their keys
+    fast.warm_up(3)
+    traced = eager_compile["stats"]["unique_graphs"]
+    assert traced >= 1
+    x = torch.randn(3, *fast.in_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for sigma in (5.0, 0.7, 0.05):  # the sampler's noise levels change every call: no new trace
+            torch.testing.assert_close(fast.denoise(x, sigma), plain.denoise(x, sigma))
+        torch.testing.assert_close(fast.decode(x), plain.decode(x))
+    assert eager_compile["stats"]["unique_graphs"] == traced, dict(eager_compile["stats"])
+
+
+def test_compile_mode_is_checked(pixel_model_dir):
+    with pytest.raises(ValueError, match="none, default, max-autotune-no-cudagraphs"):
+        build_model({"name": "diffusers", "path": str(pixel_model_dir), "compile": "reduce-overhead"})

@@ -16,7 +16,6 @@ import yaml
 
 from omegaconf import DictConfig, OmegaConf
 
-from cores.mcmc import COMPILE_MODES
 from cores.models import Denoiser, build_model
 from cores.noise import NOISE, auto_kind
 from cores.operators import Operator, build_operator
@@ -137,27 +136,6 @@ def check_counts(cfg: DictConfig) -> None:
         raise UserError(f"noise must be auto or one of {', '.join(NOISE)}, got {cfg.noise!r}")
 
 
-# What compile.<part>: auto means on CUDA (measured: docs/benchmarks.md, "Speed (issue 15)"); elsewhere none: on the
-# CPU a compile costs the demo and the tests more than it saves, and torch_xla compiles its own graphs.
-AUTO_COMPILE = {"mcmc": "none", "network": "none"}
-COMPILE_CHOICES = {"mcmc": COMPILE_MODES, "network": ("none", "default", "max-autotune-no-cudagraphs")}
-
-
-def resolve_compile(cfg: DictConfig, device: torch.device) -> None:
-    """Check ``compile.mcmc`` / ``compile.network`` and write ``auto`` back as the mode it stands for on ``device``
-    (config.yaml and the results header show the modes used). The MCMC step compiles only for pixel models: a
-    latent step's decoder backward is compiled with the network instead (cores/mcmc.py compiled_step)."""
-    parts = cfg.get("compile") or {}
-    if set(parts) != set(COMPILE_CHOICES):
-        raise UserError(f"compile must have the keys {', '.join(COMPILE_CHOICES)} (configs/default.yaml), got "
-                        f"{sorted(parts)}")
-    for part, choices in COMPILE_CHOICES.items():
-        if parts[part] == "auto":
-            cfg.compile[part] = AUTO_COMPILE[part] if device.type == "cuda" else "none"
-        elif parts[part] not in choices:
-            raise UserError(f"compile.{part} must be auto or one of {', '.join(choices)}, got {parts[part]!r}")
-
-
 def sweep_job() -> bool:
     """True inside a job of a Hydra multirun (-m)."""
     from hydra.core.hydra_config import HydraConfig
@@ -215,7 +193,6 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
     device = _step("device", get_device, cfg.gpu, cfg.use_tpu, dist)
     if cfg.noise == "auto":  # written back, so config.yaml and the results header show the streams used
         cfg.noise = auto_kind(device)
-    resolve_compile(cfg, device)
     dataset = _step("data", build_dataset, data_cfg)
     shape = tuple(dataset[0].image.shape)
     operator = _step(f"operator (task.{cfg.task_group}.operator)", build_operator, group["operator"], cfg.seed)
@@ -226,9 +203,6 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
         raise UserError(f"data images are {shape} (C, H, W) but the model expects {model.image_shape}: "
                         f"choose data with the model's resolution and channels (data.resolution, data.channels)")
     _step("sampler", sampler.check, model, cfg.num_samples)
-    sampler.kernel.compile = cfg.compile.mcmc if not sampler.latent else "none"
-    if cfg.compile.network != "none":
-        model.compile_networks(cfg.compile.network)
     evaluator = _step("eval_fn_list", Evaluator, list(cfg.eval_fn_list), eager_device(device), shape)
     n = len(dataset)
     shard = list(range(n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world))
