@@ -534,3 +534,16 @@ def test_unwritable_save_dir_is_one_line(tmp_path, monkeypatch):
     run = Run(build(f"save_dir={tmp_path / 'ro'}", "name=r"))
     with pytest.raises(UserError, match=f"cannot write results to {tmp_path / 'ro' / 'r'}: Permission denied"):
         run.open()
+
+
+def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog):
+    """A compiled model (model.compile) compiles for a full chunk's particles before the first chunk, outside the
+    sampling clock; an uncompiled one is not called."""
+    parts = build(f"save_dir={tmp_path}", "name=w")
+    calls: list[int] = []
+    parts.model.compiled = "default"
+    parts.model.warm_up = calls.append
+    with caplog.at_level(logging.INFO, logger="posterior_sample"):
+        assert Run(parts).execute() == 0
+    assert calls == [1 * 2]  # one call, batch_size x num_samples of SMALL
+    assert "model.compile=default: compiled the networks for 2 particles" in caplog.text
