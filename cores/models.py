@@ -82,7 +82,7 @@ class Denoiser(torch.nn.Module):
         as they are) in ``mode``, one of :data:`COMPILE_MODES` ("default": torch.compile's default mode); the first
         call per input shape compiles (:meth:`warm_up` does it before the sampling clock starts)."""
         if mode not in COMPILE_MODES:
-            raise ValueError(f"model compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+            raise ValueError(f"model compile must be auto or one of {', '.join(COMPILE_MODES)}, got {mode!r}")
         if mode == "none":
             return
         for net in self.networks():
@@ -357,7 +357,8 @@ class ClassConditionalEps(VPEpsDenoiser):
         """The cross-attention context (batch, 1, embed_dim) of the current labels."""
         if self.labels is None or self.labels.dim() == 0:
             label = self.class_label if self.labels is None else self.labels
-            return self.embedding.weight[label].expand(batch, 1, -1)
+            # contiguous, as the per-row labels' context below: a compiled UNet traced on one would retrace on the other
+            return self.embedding.weight[label].expand(batch, 1, -1).contiguous()
         if self.labels.shape[0] != batch:
             raise ValueError(f"condition() set {self.labels.shape[0]} class labels but the batch has {batch} rows: "
                              f"condition the model again after the batch changes")
@@ -516,6 +517,9 @@ def build_model(cfg: dict, device: torch.device | str = "cpu") -> Denoiser:
     name = cfg.pop("name", None)
     if cfg.get("compile") == "auto":
         cfg["compile"] = "default" if torch.device(device).type == "cuda" else "none"
+    if cfg.get("compile", "none") != "none" and torch.device(device).type == "xla":
+        raise ValueError(f"model.compile={cfg['compile']} runs torch.compile's inductor, which does not serve XLA "
+                         f"devices (torch_xla compiles its own graphs): set model.compile=none or auto")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
     model = MODELS[name](**cfg)

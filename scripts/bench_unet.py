@@ -5,7 +5,7 @@ PF-ODE, no grad) and, for latent models, the decoder's forward and backward (eve
 
 Variants (``--variants``, default all): fp32, fp32+bench, bf16, bf16+cl+bench, compile, compile+bf16+cl, where
 ``bf16`` is the model's ``dtype: bfloat16`` (autocast), ``cl`` its ``channels_last``, ``bench``
-``torch.backends.cudnn.benchmark`` and ``compile`` ``Denoiser.compile_networks("default")`` (compile.network).
+``torch.backends.cudnn.benchmark`` and ``compile`` ``Denoiser.compile_networks("default")`` (the model config's ``compile``).
 Prints the median milliseconds per batch and per image over 20 timed calls (CUDA events, after 5 warm-ups; a
 compiled variant's first call, the compile, is printed as well), the largest difference of the output from fp32's,
 and given --gflop (forward GFLOP per image; 388 for the ffhq256 ADM), the achieved TFLOP/s.

@@ -93,3 +93,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: its trace and guards without inductor's code generation (a minute
+    per network on 2 CPU cores; inductor's speed and numbers are measured on the GPU, docs/benchmarks.md)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    plain = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: plain(fn, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()

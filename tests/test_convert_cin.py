@@ -149,3 +149,15 @@ def test_full_size_cin256_manifest_maps_every_tensor():
     assert n == sum(torch.Size(s).numel() for k, s in json.loads((FIX / "ldm_imagenet256_keys.json").read_text())
                     .items() if k.startswith("model.diffusion_model."))
 
+
+
+def test_compiled_class_conditional_unet_keeps_its_warm_up_trace(cin_cfg, io, eager_compile):
+    """The warm-up runs with the default label (no per-row labels yet); sampling then conditions every row: the
+    context has the same layout both ways, so the compiled UNet does not trace again inside sampling."""
+    model = build_model(dict(cin_cfg, compile="default"))
+    model.warm_up(4)
+    traced = eager_compile["stats"]["unique_graphs"]
+    model.condition(io["labels"])
+    with torch.no_grad():
+        model.denoise(io["z"], 1.0)
+    assert eager_compile["stats"]["unique_graphs"] == traced, dict(eager_compile["stats"])

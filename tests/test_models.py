@@ -112,21 +112,6 @@ def test_bad_model_keys(tmp_path, pixel_model_dir):
     assert meta["kind"] == "pixel"
 
 
-@pytest.fixture
-def eager_compile(monkeypatch):
-    """torch.compile with dynamo's eager backend: its trace and guards without inductor's code generation (a minute
-    per network on 2 CPU cores; inductor's speed and numbers are measured on the GPU, docs/benchmarks.md)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    plain = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: plain(fn, backend="eager"))
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("kind", ["pixel", "latent"])
 def test_compiled_networks_warm_up_once_and_match(eager_compile, kind, pixel_model_dir, latent_model_dir):
     path = str(pixel_model_dir if kind == "pixel" else latent_model_dir)
@@ -146,5 +131,7 @@ def test_compiled_networks_warm_up_once_and_match(eager_compile, kind, pixel_mod
 
 
 def test_compile_mode_is_checked(pixel_model_dir):
-    with pytest.raises(ValueError, match="none, default, max-autotune-no-cudagraphs"):
+    with pytest.raises(ValueError, match="auto or one of none, default, max-autotune-no-cudagraphs"):
         build_model({"name": "diffusers", "path": str(pixel_model_dir), "compile": "reduce-overhead"})
+    with pytest.raises(ValueError, match="does not serve XLA"):
+        build_model({"name": "diffusers", "path": str(pixel_model_dir), "compile": "default"}, "xla")
