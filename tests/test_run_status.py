@@ -309,7 +309,8 @@ def test_sigint_mid_chunk_resumes_the_chunk_from_its_last_level(tmp_path):
     assert read(root, "metrics.json")["num_images_done"] == 0  # the chunk was in flight
     saved = torch.load(root / "checkpoint" / "chunk.pt", weights_only=True)
     step = saved["sample"]["step"]
-    assert saved["images"] == [0, 1] and saved["run"] == 0 and 9 <= step < 59
+    # the level's event is written before its checkpoint: a signal between the two leaves the checkpoint one level behind
+    assert saved["images"] == [0, 1] and saved["run"] == 0 and 8 <= step < 59
     before = set(events.read_text().splitlines())
 
     r = cli([*args, f"save_dir={tmp_path}", "name=r", "resume=true"])
