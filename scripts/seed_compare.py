@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.parse_metrics import bootstrap  # noqa: E402  (the interval of parse_metrics.py --compare)
 
 DEFAULT_METRICS = "psnr,psnr_twin_aware,ssim,lpips"
 
@@ -45,12 +49,6 @@ def per_image(runs: list[dict], metric: str) -> tuple[dict[int, list[float]], in
                     continue
                 values.setdefault(int(image["index"]), []).append(float(v))
     return values, dropped
-
-
-def bootstrap(diff: np.ndarray, resamples: int = 10_000) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main() -> None:
