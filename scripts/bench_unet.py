@@ -5,7 +5,7 @@ PF-ODE, no grad) and, for latent models, the decoder's forward and backward (eve
 
 Variants (``--variants``, default all): fp32, fp32+bench, bf16, bf16+cl+bench, compile, compile+bf16+cl, where
 ``bf16`` is the model's ``dtype: bfloat16`` (autocast), ``cl`` its ``channels_last``, ``bench``
-``torch.backends.cudnn.benchmark`` and ``compile`` ``Denoiser.compile_networks("default")`` (the model config's ``compile``).
+``torch.backends.cudnn.benchmark`` and ``compile`` the model's ``compile: default``.
 Prints the median milliseconds per batch and per image over 20 timed calls (CUDA events, after 5 warm-ups; a
 compiled variant's first call, the compile, is printed as well), the largest difference of the output from fp32's,
 and given --gflop (forward GFLOP per image; 388 for the ffhq256 ADM), the achieved TFLOP/s.
@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cores.models import build_model  # noqa: E402
 
-VARIANTS = {  # name: (model options, cudnn.benchmark, compile)
-    "fp32": ({}, False, False),
-    "fp32+bench": ({}, True, False),
-    "bf16": ({"dtype": "bfloat16"}, False, False),
-    "bf16+cl+bench": ({"dtype": "bfloat16", "channels_last": True}, True, False),
-    "compile": ({}, True, True),
-    "compile+bf16+cl": ({"dtype": "bfloat16", "channels_last": True}, True, True),
+VARIANTS = {  # name: (model options, cudnn.benchmark)
+    "fp32": ({}, False),
+    "fp32+bench": ({}, True),
+    "bf16": ({"dtype": "bfloat16"}, False),
+    "bf16+cl+bench": ({"dtype": "bfloat16", "channels_last": True}, True),
+    "compile": ({"compile": "default"}, True),
+    "compile+bf16+cl": ({"dtype": "bfloat16", "channels_last": True, "compile": "default"}, True),
 }
 
 
@@ -76,11 +76,9 @@ def main() -> None:
     inputs: dict[int, torch.Tensor] = {}
     reference: dict[tuple[str, int], torch.Tensor] = {}  # the first variant's outputs
     for name in args.variants:
-        options, bench, compiled = VARIANTS[name]
+        options, bench = VARIANTS[name]
         torch.backends.cudnn.benchmark = bench
         model = build_model({"name": "diffusers", "path": args.model, **options}, torch.device("cuda"))
-        if compiled:
-            model.compile_networks("default")
         for b in args.batch:
             x = inputs.setdefault(b, torch.randn(b, *model.in_shape, device="cuda", generator=gen))
             calls = {"unet": torch.no_grad()(lambda: model.denoise(x, 1.0))}
