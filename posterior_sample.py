@@ -37,7 +37,7 @@ from cores.noise import measurement_seed, particle_noise, particle_seed
 from sampler import ParticleId, start_particles
 from utils import folder
 from utils.build import RunParts, UserError, build_run, results_folder, sweep_job
-from utils.device import barrier, eager_device, gather, shutdown
+from utils.device import barrier, eager_device, gather, shutdown, synchronize
 from utils.events import EventLog, PhaseTimer
 from utils.observer import RunLog, RunObserver, setup_logging
 from utils.results import GRID_MAX_IMAGES, RunResults
@@ -201,17 +201,29 @@ class Run:
         return code
 
     def warm_up(self) -> None:
-        """Compile the networks of a compiled model (``model.compile``) for a full chunk's particles before the
-        sampling clock starts, so that the sampling time is the compiled networks' own (a smaller last chunk, a prune
-        or K2's particle count compiles once more, inside sampling)."""
-        model = self.parts.model
-        if model.compiled == "none" or not self.todo:
+        """Compile, before the sampling clock starts, what sampling would otherwise compile inside it, for a full
+        chunk's particles: the networks of a compiled model (``model.compile``), the fused noise draw (``noise:
+        counter-fused``, what ``auto`` is on CUDA) and the operator's gradient (phase retrieval's fused spectrum kernel
+        on CUDA). The draw and the gradient kernel have dynamic sizes; the networks compile once more, inside sampling,
+        for a smaller last chunk, a prune or K2's particle count."""
+        if not self.todo:
             return
+        parts, dev = self.parts, self.parts.device
+        model, op = parts.model, parts.operator
         n = min(self.cfg.batch_size, len(self.todo)) * self.cfg.num_samples
+        if model.compiled != "none":
+            start = time.perf_counter()
+            model.warm_up(n)
+            log.info("model.compile=%s: compiled the networks for %d particles in %.1f s", model.compiled, n,
+                     time.perf_counter() - start)
         start = time.perf_counter()
-        model.warm_up(n)
-        log.info("model.compile=%s: compiled the networks for %d particles in %.1f s", model.compiled, n,
-                 time.perf_counter() - start)
+        particle_noise(self.cfg.noise, list(range(n)), dev).randn_like(torch.zeros(n, *model.in_shape, device=dev))
+        image = torch.zeros(n, *model.image_shape, device=dev)
+        with torch.no_grad():
+            op.gradient(image, op(image))
+        synchronize(dev)
+        log.info("warm-up: the noise draw (noise=%s) and the %s gradient for %d particles in %.1f s", self.cfg.noise,
+                 op.name, n, time.perf_counter() - start)
 
     def chunks(self) -> Iterator[list]:
         bs = self.cfg.batch_size

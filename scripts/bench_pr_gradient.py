@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The phase-retrieval data gradient, closed form (``PhaseRetrieval.gradient``: one FFT, one inverse FFT) against
+"""The phase-retrieval data gradient, closed form (``PhaseRetrieval.gradient``: one rfft2, one irfft2) against
 autograd of the loss (``Operator.gradient``, what every MCMC step used before), on one device:
 
     python scripts/bench_pr_gradient.py [--device cuda|cpu] [--batch 400] [--size 32] [--channels 1] [--dtype float32]
@@ -35,7 +35,8 @@ def main() -> None:
     shape = (args.batch, args.channels, args.size, args.size)
     op = PhaseRetrieval().to(dev, dtype)
     x = (torch.rand(shape, generator=g, dtype=dtype) * 2 - 1).to(dev)
-    y = op((torch.rand(shape, generator=g, dtype=dtype) * 2 - 1).to(dev))
+    clean = op((torch.rand(shape, generator=g, dtype=dtype) * 2 - 1).to(dev))
+    y = clean + op.sigma * torch.randn(clean.shape, generator=g, dtype=dtype).to(dev)  # noisy, as measured
     closed, auto = op.gradient(x, y)[0], Operator.gradient(op, x, y)[0]
     rel = ((closed - auto).abs().max() / auto.abs().max()).item()
     times = {}

@@ -82,20 +82,52 @@ def test_phase_retrieval_magnitude_has_zero_gradient_at_zero():
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("oversample, size", [(2.0, 8), (1.0, 7), (0.0, 4)])
+@pytest.mark.parametrize("oversample, size", [(2.0, 8), (1.0, 7), (0.0, 4), (1.0, 6)])
 def test_phase_retrieval_closed_form_gradient_is_autograds(oversample, size):
-    """grad || |F pad(x)| - y ||^2 = crop 2 Re F^-1(r U / |U|) / 2 (PhaseRetrieval.gradient) against autograd of the
-    loss, in float64, for even padded sizes (12, 4: the centring as signs) and an odd one (7: autograd itself); an
-    all-black image (U = 0 everywhere) has gradient 0 in both."""
+    """grad || |F pad(x)| - y ||^2 = crop 2 Re F^-1(r U / |U|) / 2 (PhaseRetrieval.gradient: rfft2 against the
+    symmetrised measurement) against autograd of the loss, in float64, for even padded sizes (12, 4, 6: the
+    centring as signs) and an odd one (7: autograd itself), with a noisy y (not symmetric, as measured) and a
+    noise-free one; an all-black image (U = 0 everywhere) has gradient 0 in both."""
     op = PhaseRetrieval(oversample=oversample).double()
     x = torch.rand(3, 2, size, size, dtype=torch.float64) * 2 - 1
     x[2] = -1.0
-    y = op(torch.rand(3, 2, size, size, dtype=torch.float64) * 2 - 1)
-    grad, loss = op.gradient(x, y)
-    ref_grad, ref_loss = Operator.gradient(op, x, y)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    assert grad[2].abs().max() == 0 and ref_grad[2].abs().max() == 0
+    clean = op(torch.rand(3, 2, size, size, dtype=torch.float64) * 2 - 1)
+    for y in (clean, clean + 0.3 * torch.randn_like(clean)):
+        grad, loss = op.gradient(x, y)
+        ref_grad, ref_loss = Operator.gradient(op, x, y)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+        assert grad[2].abs().max() == 0 and ref_grad[2].abs().max() == 0
+
+
+def test_phase_retrieval_half_measurement_follows_the_measurement():
+    """The symmetrised half measurement is kept for the tensor it was made from, and remade for another tensor or
+    after that tensor changed in place (the gradient then still equals autograd's)."""
+    op = PhaseRetrieval().double()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    y = op(torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1)
+    first = op.half_measurement(y)
+    assert op.half_measurement(y) is first
+    assert op.half_measurement(y.clone()) is not first
+    y.add_(0.2 * torch.randn_like(y))
+    assert op.half_measurement(y) is not first
+    torch.testing.assert_close(op.gradient(x, y)[0], Operator.gradient(op, x, y)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_spectral_residual_is_the_eager_one():
+    """The compiled spectrum kernel (used on CUDA) equals the eager function, here compiled for the CPU, at two
+    batch sizes (dynamic sizes: one compile), zeros of the spectrum included."""
+    from cores.operators import fused_spectral_residual, spectral_residual
+
+    torch._dynamo.reset()
+    fused_spectral_residual.cache_clear()
+    for batch in (3, 5):
+        spec = torch.randn(batch, 2, 12, 7, 2)
+        spec[0, 0, :2] = 0.0
+        ybar, weight = torch.rand(batch, 2, 12, 7), torch.rand(7)
+        for got, want in zip(fused_spectral_residual()(spec, ybar, weight), spectral_residual(spec, ybar, weight)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_latent_operator_gradient_pulls_the_pixel_gradient_back_through_the_decoder():

@@ -539,7 +539,8 @@ def test_unwritable_save_dir_is_one_line(tmp_path, monkeypatch):
 
 def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog):
     """A compiled model (model.compile) compiles for a full chunk's particles before the first chunk, outside the
-    sampling clock; an uncompiled one is not called."""
+    sampling clock; an uncompiled one is not called. The noise draw and the operator's gradient are warmed up too
+    (what compiles there on CUDA), once."""
     parts = build(f"save_dir={tmp_path}", "name=w")
     calls: list[int] = []
     parts.model.compiled = "default"
@@ -548,3 +549,5 @@ def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog):
         assert Run(parts).execute() == 0
     assert calls == [1 * 2]  # one call, batch_size x num_samples of SMALL
     assert "model.compile=default: compiled the networks for 2 particles" in caplog.text
+    assert caplog.text.count("warm-up: the noise draw (noise=generator) and the ") == 1
+    assert " gradient for 2 particles in " in caplog.text
