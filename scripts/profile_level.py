@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
-"""Profile the MCMC of one annealing level of a real run (torch.profiler): where a level's time goes.
+"""Profile one annealing level of a real run (torch.profiler): where a level's time goes, ODE and MCMC.
 
     python scripts/profile_level.py [--level 1] [--top 12] [--trace OUT.json] -- <posterior_sample.py overrides>
 
 The run is built and sampled as ``posterior_sample.py`` would (its results go to the overrides' ``save_dir``); the
-kernel's ``run`` of the ``--level``-th level (counted from 0, over the whole run) is recorded. Printed:
+``--level``-th level (counted from 0, over the whole run) is recorded in two parts, each under its own profiler: the
+PF-ODE solve to the level's prior mean (the network evaluations) and the kernel's ``run`` (the MCMC). Printed:
 
 - MCMC steps of the level, and **top-level operator calls per step** (the host's dispatches; on a GPU each is about
   one kernel launch: the number that bounds a launch-bound loop);
-- the operators with the most host time (self CPU) and, on CUDA, the kernels with the most device time;
-- wall time of the level.
+- per part, the operators with the most host time (self CPU) and, on CUDA, the kernels with the most device time;
+- wall time of each part and its share of the two.
 
-``--trace`` writes a Chrome trace (chrome://tracing, Perfetto). Example (Fashion-MNIST pixel prior, 20 images):
+``--trace OUT.json`` writes a Chrome trace (chrome://tracing, Perfetto) per part: OUT_ode.json and OUT_mcmc.json. Example (Fashion-MNIST pixel prior, 20 images):
 
     python scripts/profile_level.py -- +data=test-fmnist +model=fmnist32ddpm +sampler=edm_daps +task=phase_retrieval \\
         task_group=fmnist_pixel data.end_id=20 batch_size=20 num_samples=4 eval_fn_list=[psnr] save_dir=/tmp/prof
@@ -49,45 +50,55 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="default", overrides=args.overrides)
     parts = build_run(cfg, choices(args.overrides), [CONFIGS])
-    kernel, record = parts.sampler.kernel, {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if parts.device.type == "cuda" else [])
+    record: dict[str, dict] = {"ode": {}, "mcmc": {}}
+
+    def profiled(part: str, fn):  # fn, its call of the recorded level under the profiler (its settings unchanged)
+        def call(*a, **k):
+            rec = record[part]
+            level = rec.setdefault("calls", 0)
+            rec["calls"] = level + 1
+            if level != args.level:
+                return fn(*a, **k)
+            synchronize(parts.device)
+            t0 = time.perf_counter()
+            with profile(activities=activities) as prof:
+                out = fn(*a, **k)
+                synchronize(parts.device)
+            rec.update(prof=prof, sec=time.perf_counter() - t0)
+            return out
+        return call
+
+    kernel, ode = parts.sampler.kernel, parts.sampler.ode
     cls = type(kernel)
     run = cls.run
-
-    def profiled_run(*a, **k):  # the kernel class's run, for the run's duration (the kernel's settings unchanged)
-        level = record.setdefault("calls", 0)
-        record["calls"] = level + 1
-        if level != args.level:
-            return run(*a, **k)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if parts.device.type == "cuda" else [])
-        synchronize(parts.device)
-        t0 = time.perf_counter()
-        with profile(activities=activities) as prof:
-            out = run(*a, **k)
-            synchronize(parts.device)
-        record.update(prof=prof, sec=time.perf_counter() - t0)
-        return out
-
-    cls.run = profiled_run
+    cls.run = profiled("mcmc", run)
+    ode.solve = profiled("ode", ode.solve)
     try:
         code = Run(parts).execute()
     finally:
         cls.run = run
-    if "prof" not in record:
-        sys.exit(f"profile_level: the run made {record.get('calls', 0)} level(s) of MCMC (exit code {code}); "
+        del ode.solve
+    if any("prof" not in rec for rec in record.values()):
+        sys.exit(f"profile_level: the run made {record['mcmc'].get('calls', 0)} level(s) of MCMC (exit code {code}); "
                  f"--level {args.level} was not reached")
-    prof, steps = record["prof"], kernel.num_steps
-    events = prof.events()
-    top = [e for e in events if e.name.startswith("aten::") and e.cpu_parent is None]
-    print(f"device {parts.device}; level {args.level}: {steps} MCMC steps ({kernel.name}), wall {record['sec']:.3f} s, "
-          f"{record['sec'] / steps * 1e3:.2f} ms per step")
+    mcmc, steps = record["mcmc"], kernel.num_steps
+    top = [e for e in mcmc["prof"].events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    print(f"device {parts.device}; level {args.level}: {steps} MCMC steps ({kernel.name}), wall {mcmc['sec']:.3f} s, "
+          f"{mcmc['sec'] / steps * 1e3:.2f} ms per step")
     print(f"top-level operator calls: {len(top)} in the level, {len(top) / steps:.1f} per step")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-    if parts.device.type == "cuda":
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top))
-    if args.trace:
-        prof.export_chrome_trace(str(args.trace))
-        print(f"trace: {args.trace}")
-
+    both = record["ode"]["sec"] + mcmc["sec"]
+    print(f"ode: wall {record['ode']['sec']:.3f} s ({ode.num_steps} steps, {ode.solver}), "
+          f"{record['ode']['sec'] / both:.1%} of the level's ODE + MCMC; mcmc {mcmc['sec'] / both:.1%}")
+    for part, rec in record.items():
+        print(f"\n== {part}")
+        print(rec["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+        if parts.device.type == "cuda":
+            print(rec["prof"].key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top))
+        if args.trace:
+            trace = args.trace.with_name(f"{args.trace.stem}_{part}{args.trace.suffix}")
+            rec["prof"].export_chrome_trace(str(trace))
+            print(f"trace: {trace}")
 
 if __name__ == "__main__":
     main()

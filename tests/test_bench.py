@@ -55,14 +55,16 @@ def test_noise_bench_times_each_kind():
     assert [ln.split()[0] for ln in lines[1:]] == ["generator", "counter"] and "1.000x the first" in lines[1]
 
 
-def test_profile_level_records_one_levels_mcmc(tmp_path):
+def test_profile_level_records_one_levels_ode_and_mcmc(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_level.py"), "--level", "1", "--top", "3",
                         "--trace", str(tmp_path / "trace.json"), "--", *COMMON.split(), f"save_dir={tmp_path}",
                         "name=p"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    head = [ln for ln in r.stdout.splitlines() if ln.startswith(("device", "top-level"))]
+    head = [ln for ln in r.stdout.splitlines() if ln.startswith(("device", "top-level", "ode:"))]
     assert head[0].startswith("device cpu; level 1: 2 MCMC steps") and "per step" in head[1]
-    assert float(head[1].split(", ")[1].split()[0]) > 0 and (tmp_path / "trace.json").stat().st_size > 0
+    assert float(head[1].split(", ")[1].split()[0]) > 0
+    assert float(head[2].split()[2]) > 0 and "of the level's ODE + MCMC" in head[2]
+    assert all((tmp_path / f"trace_{part}.json").stat().st_size > 0 for part in ("ode", "mcmc"))
     assert json.loads((tmp_path / "p" / "metrics.json").read_text())["status"] == "complete"
     missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_level.py"), "--level", "9", "--",
                               *COMMON.split(), f"save_dir={tmp_path}", "name=q"], cwd=ROOT, capture_output=True,
