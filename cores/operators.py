@@ -176,7 +176,7 @@ class PhaseRetrieval(Operator):
         spec = torch.view_as_real(torch.fft.rfft2(u * sign, norm="ortho"))
         residual = fused_spectral_residual() if x.device.type == "cuda" else spectral_residual
         back, loss = residual(spec, ybar, weight)
-        du = torch.fft.irfft2(torch.view_as_complex(back), s=u.shape[-2:], norm="ortho") * sign
+        du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=u.shape[-2:], norm="ortho") * sign
         return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], loss + offset
 
     def half_measurement(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
