@@ -426,6 +426,19 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
         f"checkpoint with scripts/convert_checkpoint.py, or point model.path at an existing folder.")
 
 
+def matmul_attention(module: torch.nn.Module) -> None:
+    """Route the diffusers attention layers of ``module`` through explicit matrix products (diffusers'
+    ``AttnProcessor``) instead of ``scaled_dot_product_attention``. An autoencoder's attention has one head of 512
+    channels (LDM-FFHQ's decoder: 64 x 64 positions), more than the 256 of SDPA's flash kernels, so SDPA takes its
+    memory-efficient kernel, whose backward alone was 34% of a LatentDAPS MCMC step on an H100 (docs/benchmarks.md).
+    The products give the same values (the softmax in float32) and hold each image's 4096 x 4096 attention matrix."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.set_processor(AttnProcessor())
+
+
 @register("diffusers")
 def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "float32", quantize: bool = True,
                     channels_last: bool = False, class_label: int | None = None, class_labels_file: str | None = None,
@@ -439,7 +452,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     ``class_conditional`` ({num_classes, unconditional_class}) the UNet is a UNet2DConditionModel behind
     :class:`ClassConditionalEps`: ``class_label`` (default: the unconditional class) and ``class_labels_file``
     (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors. ``compile``
-    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`).
+    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both. The
+    decoder's attention runs as matrix products (:func:`matmul_attention`).
     """
     if unused:
         raise ValueError(f"unknown diffusers model keys: {sorted(unused)}")
@@ -477,6 +491,9 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     if meta["kind"] == "latent":
         ae_cls, sub = (VQModel, "vqvae") if meta["autoencoder"] == "vq" else (AutoencoderKL, "vae")
         ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True, low_cpu_mem_usage=False)
+        matmul_attention(ae.decoder)
+        if channels_last:
+            ae.decoder.to(memory_format=torch.channels_last)
         model = LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
     model.compile_networks(compile)
     return model

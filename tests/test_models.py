@@ -98,6 +98,31 @@ def test_latent_model_decodes_with_straight_through_gradient(latent_model_dir):
     assert not torch.allclose(unq.decode(z.detach()), x.detach())
 
 
+def test_decoder_attention_as_matrix_products_matches_sdpa_and_channels_last(latent_model_dir):
+    """The decoder's attention runs through explicit matrix products (matmul_attention): the decoded image and its
+    gradient equal those of diffusers' default (scaled_dot_product_attention); channels_last puts the decoder's
+    convolution weights in NHWC as well as the UNet's."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    d = build_model({"name": "diffusers", "path": str(latent_model_dir)})
+    layers = [m for m in d.autoencoder.decoder.modules() if isinstance(m, Attention)]
+    assert layers and all(isinstance(m.processor, AttnProcessor) for m in layers)
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    x = d.decode(z)
+    (grad,) = torch.autograd.grad((x * x).sum(), z)
+    for m in layers:
+        m.set_processor(AttnProcessor2_0())
+    z2 = z.detach().requires_grad_(True)
+    x2 = d.decode(z2)
+    (grad2,) = torch.autograd.grad((x2 * x2).sum(), z2)
+    torch.testing.assert_close(x, x2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad2, rtol=1e-4, atol=1e-5)
+    fast = build_model({"name": "diffusers", "path": str(latent_model_dir), "channels_last": True})
+    conv = next(m for m in fast.autoencoder.decoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[-1] > 1
+    torch.testing.assert_close(fast.decode(z.detach()), x.detach(), rtol=1e-4, atol=1e-5)
+
+
 def test_missing_model_folder_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
         build_model({"name": "diffusers", "path": str(tmp_path / "nope")})
