@@ -15,8 +15,9 @@
 #   adm_base    DAPS-1K pixel_hmc with the ffhq256 ADM architecture (random weights, scripts/make_random_model.py),
 #               the 10 demo-natural images x num_samples=4 in one batch (the issue's target setting): BASE_CODE
 #               against FAST; about 240 s per baseline run on an H100, so REPEATS=1 fits one device call
-#   ldm256_base LatentDAPS `ldm` with the LDM-FFHQ architecture (random weights), 2 demo-natural images x 4
-#               (N_IMAGES and BATCH_SIZE do not apply to these two: their sizes are the issue's)
+#   ldm256_base LatentDAPS `ldm` with the LDM-FFHQ architecture (random weights), 10 demo-natural images x 1 in one
+#               batch (N_IMAGES and BATCH_SIZE do not apply to these two: their sizes are the issue's; before
+#               session 3, 2 images x 4)
 #   profile_adm scripts/profile_level.py of level 1 of 3 of adm_base's workload, fp32 eager with generator noise
 #               and with FAST, then FAST once more in a second process (the compile from inductor's on-disk cache)
 #   profile_ldm the same for ldm256_base's workload
@@ -78,39 +79,40 @@ nets() {  # nets NAME MODEL BATCH [GFLOP]: scripts/bench_unet.py's variants (NET
 }
 nets nets_adm ffhq256ddpm 40 388
 nets nets_ldm ffhq256ldm 10
-natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES: a 256 px architecture with random weights, BASE_CODE vs FAST
-    local name=$1 model=$2 groups=$3 images=$4
+natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: a 256 px architecture with random weights, BASE_CODE
+    local name=$1 model=$2 groups=$3 images=$4 samples=$5   # against FAST
     device_selected "$name" || return 0
     random_model "$model"
     device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/$name" \
         --json "$SAVE/$name.json" --a-code "${BASE_CODE:-.}" --b "$FAST" --common "+data=demo-natural \
 +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images \
-batch_size=$images num_samples=4 gpu=$GPU eval_fn_list=[psnr] save_samples=false ${SPEED_OVERRIDES:-}"
+batch_size=$images num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false ${SPEED_OVERRIDES:-}"
     flat_metrics "$name"
 }
 ADM="+sampler=edm_daps task_group=pixel_hmc +sampler.diffusion_scheduler_config.solver=euler"
 LDM="+sampler=latent_edm_daps task_group=ldm"
-natural adm_base ffhq256ddpm "$ADM" 10
-natural ldm256_base ffhq256ldm "$LDM" 2
-level_profile() {  # level_profile NAME MODEL SAMPLER_GROUPS IMAGES: profile_level.py of level 1 of 3, fp32 eager
-    local name=$1 model=$2 groups=$3 images=$4 side   # with generator noise ("eager") and with FAST ("fast")
-    device_selected "$name" || return 0
+natural adm_base ffhq256ddpm "$ADM" 10 4
+natural ldm256_base ffhq256ldm "$LDM" 10 1
+level_profile() {  # level_profile NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: profile_level.py of level 1 of 3, fp32
+    local name=$1 model=$2 groups=$3 images=$4 samples=$5 side   # eager with generator noise ("eager"), with FAST
+    device_selected "$name" || return 0                          # ("fast"); PROFILE_SIDES picks (default both)
     random_model "$model"
-    for side in eager fast; do
+    for side in ${PROFILE_SIDES:-eager fast}; do
         local extra="noise=generator"
         [ "$side" = fast ] && extra=$FAST
         # shellcheck disable=SC2086
         device_run "$name" "${name}_$side" $PY scripts/profile_level.py --top 15 -- +data=demo-natural \
             +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images \
-            batch_size=$images num_samples=4 gpu=$GPU eval_fn_list=[psnr] save_samples=false \
+            batch_size=$images num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false \
             sampler.annealing_scheduler_config.num_steps=3 save_dir=$SAVE/$name name=$side $extra ${SPEED_OVERRIDES:-}
     done
-    # a second process of the fast side: its compile reads what the first left in inductor's on-disk cache
+    # a second process of the fast side (AGAIN=0: none): its compile reads what the first left in inductor's cache
+    [ "${AGAIN:-1}" = 0 ] && return 0
     # shellcheck disable=SC2086
     device_run "$name" "${name}_fast_again" $PY posterior_sample.py +data=demo-natural +task=phase_retrieval \
         +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images batch_size=$images \
-        num_samples=4 gpu=$GPU eval_fn_list=[psnr] save_samples=false sampler.annealing_scheduler_config.num_steps=3 \
+        num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false sampler.annealing_scheduler_config.num_steps=3 \
         save_dir=$SAVE/$name name=fast_again $FAST ${SPEED_OVERRIDES:-}
 }
-level_profile profile_adm ffhq256ddpm "$ADM" 10
-level_profile profile_ldm ffhq256ldm "$LDM" 2
+level_profile profile_adm ffhq256ddpm "$ADM" 10 4
+level_profile profile_ldm ffhq256ldm "$LDM" 10 1
