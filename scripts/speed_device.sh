@@ -8,7 +8,9 @@
 #               checkout with FAST (B)
 #   ldm_base    the same on the latent prior (50 levels)
 #   px_noise    this checkout, pixel prior, 20 images: noise=generator (A) against FAST (B)
-#   px_bf16     this checkout, pixel prior: FAST (A) against FAST + the UNet in bf16, channels_last, compiled (B)
+#   px_bf16     this checkout, pixel prior: FAST (A) against FAST + the UNet in bf16, channels_last, compiled (B):
+#               the same random numbers, so the pair is the fast networks' quality check (EVAL="[psnr,ssim,lpips]")
+#   ldm_bf16    the same on the latent prior (the UNet and the decoder in bf16, channels_last, compiled)
 #   nets_adm    scripts/bench_unet.py, the ffhq256 ADM's UNet at batch 40 (random weights): fp32, bf16, channels_last,
 #               cudnn.benchmark, compiled (NET_VARIANTS picks some)
 #   nets_ldm    the same for the LDM-FFHQ UNet and its decoder's forward and backward, batch 10
@@ -26,7 +28,7 @@
 #
 # BASE_CODE is a `git archive` of the baseline commit with checkpoints and dataset linked in (bench_daps.py --a-code).
 # FAST (default "noise=counter-fused") is side B's overrides; REPEATS (default 2) the alternations of bench_daps.py;
-# SPEED_OVERRIDES extra Hydra overrides of every run (a CPU smoke test: "gpu=-1 sampler.annealing_scheduler_config.num_steps=2").
+# EVAL the Fashion-MNIST runs' eval_fn_list (default [psnr]); SPEED_OVERRIDES extra Hydra overrides of every run (a CPU smoke test: "gpu=-1 sampler.annealing_scheduler_config.num_steps=2").
 # Each measurement writes SAVE_DIR/<name>.txt (and bench_daps.py's SAVE_DIR/<name>.json); "<name> rc wall_sec" goes
 # to stdout and SAVE_DIR/walltimes.txt.
 set -u
@@ -38,7 +40,7 @@ REPEATS=${REPEATS:-2}
 PIXEL="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
 LATENT="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
 COMMON="+data=test-fmnist +task=phase_retrieval data.end_id=$N batch_size=$BS num_samples=4 gpu=$GPU \
-eval_fn_list=[psnr] save_samples=false ${SPEED_OVERRIDES:-}"
+eval_fn_list=${EVAL:-[psnr]} save_samples=false ${SPEED_OVERRIDES:-}"
 
 device_run micro micro_noise_fmnist $PY scripts/bench_noise.py --batch 400 --shape 1 32 32
 device_run micro micro_noise_ffhq $PY scripts/bench_noise.py --batch 40 --shape 3 256 256
@@ -65,6 +67,7 @@ bench px_base "$PIXEL" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
 bench px_bf16 "$PIXEL" --a "$FAST" --b "$FAST $BF16"
+bench ldm_bf16 "$LATENT" --a "$FAST" --b "$FAST $BF16"
 random_model() {  # random_model MODEL: configs/model/MODEL.yaml's architecture with random weights in $SAVE/rand/MODEL
     [ -d "$SAVE/rand/$1" ] || $PY scripts/make_random_model.py --config "configs/model/$1.yaml" --out "$SAVE/rand/$1" \
         > "$SAVE/rand_$1.txt" 2>&1
