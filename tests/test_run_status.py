@@ -185,6 +185,22 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path, monkeypatc
     Run(build(f"save_dir={tmp_path}", "name=r", "resume=true", "batch_size=2", "show_progress=true", "gpu=1"))
 
 
+def test_resume_of_a_run_from_before_a_key_existed_takes_the_old_behaviours_value():
+    """A config.yaml written before model.compile / model.channels_last / noise existed matches a command that sets
+    them to the old behaviour (none, false, generator) and differs from any other value, which the message names."""
+    from omegaconf import OmegaConf
+
+    from utils.build import config_differences
+
+    now = OmegaConf.create({"seed": 42, "noise": "generator", "model": {"name": "x", "compile": "none",
+                                                                          "channels_last": False}})
+    saved = {"seed": 42, "model": {"name": "x"}}
+    assert config_differences(saved, now) == []
+    now.model.compile = "auto"
+    assert config_differences(saved, now) == ["model.compile (saved absent, as 'none', now 'auto')"]
+    assert "extra (saved 1, now absent)" in config_differences({**saved, "extra": 1}, now)
+
+
 def test_resume_refuses_another_batch_size_when_the_sampler_couples_the_batch(tmp_path):
     k2 = ["+experiment=k2_speed", "data.end_id=1"]  # K2's batch median couples the images of a batch
     assert run_in_process(f"save_dir={tmp_path}", "name=r", *k2) == 0

@@ -104,14 +104,23 @@ def check_name(name: Any) -> None:
                         f"non-empty path component (no '/', not '.' or '..'), e.g. name=pr_demo")
 
 
+# Keys that runs written before them lack, with the value that behaves as those runs did: a config.yaml without the
+# key matches a command that sets it to this value (e.g. model.compile=none resumes a run from before model.compile).
+ADDED_KEYS = {"noise": "generator", "model.compile": "none", "model.channels_last": False}
+
+
 def config_differences(saved: Mapping[str, Any], cfg: DictConfig, free: Sequence[str] = RESUME_FREE_KEYS
                        ) -> list[str]:
     """The keys (dotted, with both values) in which ``cfg`` differs from a run's saved config.yaml, outside the
-    top-level keys ``free``; compared after the same YAML round trip, so 1e-5 equals 1.0e-05."""
+    top-level keys ``free``; compared after the same YAML round trip, so 1e-5 equals 1.0e-05. A key of
+    :data:`ADDED_KEYS` absent from the saved config counts as its old behaviour's value."""
     now = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
     old, new = _flat(dict(saved)), _flat(now)
+    added = {k: v for k, v in ADDED_KEYS.items() if k not in old and k in new}
+    old.update(added)
     keys = [k for k in dict.fromkeys([*old, *new]) if k.split(".")[0] not in free]
-    return [f"{k} (saved {_show(old.get(k, _ABSENT))}, now {_show(new.get(k, _ABSENT))})"
+    saved_as = {k: f"absent, as {v!r}" for k, v in added.items()}
+    return [f"{k} (saved {saved_as.get(k) or _show(old.get(k, _ABSENT))}, now {_show(new.get(k, _ABSENT))})"
             for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
 
 
