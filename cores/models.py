@@ -430,8 +430,10 @@ def matmul_attention(module: torch.nn.Module) -> None:
     """Route the diffusers attention layers of ``module`` through explicit matrix products (diffusers'
     ``AttnProcessor``) instead of ``scaled_dot_product_attention``. An autoencoder's attention has one head of 512
     channels (LDM-FFHQ's decoder: 64 x 64 positions), more than the 256 of SDPA's flash kernels, so SDPA takes its
-    memory-efficient kernel, whose backward alone was 34% of a LatentDAPS MCMC step on an H100 (docs/benchmarks.md).
-    The products give the same values (the softmax in float32) and hold each image's 4096 x 4096 attention matrix."""
+    memory-efficient kernel, whose backward alone was 34% of the GPU time of a LatentDAPS level's MCMC on an H100
+    (docs/benchmarks.md). The products give the same values (the softmax in float32) but keep each image's 4096 x
+    4096 attention probabilities for the backward: about 64 MiB per image and layer in float32, 2.5 GiB at 40
+    particles (``decoder_attention: sdpa`` keeps SDPA for batches that do not fit)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     for layer in module.modules():
@@ -442,7 +444,7 @@ def matmul_attention(module: torch.nn.Module) -> None:
 @register("diffusers")
 def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "float32", quantize: bool = True,
                     channels_last: bool = False, class_label: int | None = None, class_labels_file: str | None = None,
-                    compile: str = "none", **unused: Any) -> Denoiser:
+                    compile: str = "none", decoder_attention: str = "matmul", **unused: Any) -> Denoiser:
     """A pixel or latent model folder: ``denoiser.json``, ``unet/``, ``scheduler/`` (+ ``vqvae/`` or ``vae/``,
     + ``class_embedding.safetensors`` for a class-conditional UNet).
 
@@ -452,11 +454,14 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     ``class_conditional`` ({num_classes, unconditional_class}) the UNet is a UNet2DConditionModel behind
     :class:`ClassConditionalEps`: ``class_label`` (default: the unconditional class) and ``class_labels_file``
     (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors. ``compile``
-    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both. The
-    decoder's attention runs as matrix products (:func:`matmul_attention`).
+    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both.
+    ``decoder_attention``: 'matmul' runs the decoder's attention as matrix products (:func:`matmul_attention`),
+    'sdpa' keeps diffusers' scaled_dot_product_attention (less memory for large batches, slower backward).
     """
     if unused:
         raise ValueError(f"unknown diffusers model keys: {sorted(unused)}")
+    if decoder_attention not in ("matmul", "sdpa"):
+        raise ValueError(f"model decoder_attention must be 'matmul' or 'sdpa', got {decoder_attention!r}")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
 
     root = Path(path)
@@ -491,7 +496,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     if meta["kind"] == "latent":
         ae_cls, sub = (VQModel, "vqvae") if meta["autoencoder"] == "vq" else (AutoencoderKL, "vae")
         ae = ae_cls.from_pretrained(str(root / sub), use_safetensors=True, low_cpu_mem_usage=False)
-        matmul_attention(ae.decoder)
+        if decoder_attention == "matmul":
+            matmul_attention(ae.decoder)
         if channels_last:
             ae.decoder.to(memory_format=torch.channels_last)
         model = LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import weakref
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from cores.fourier import NATIVE_FFT_DEVICES, centred_fft2
 
@@ -111,10 +111,34 @@ def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tens
 
 @lru_cache(maxsize=1)
 def fused_spectral_residual() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`spectral_residual` compiled by ``torch.compile`` with dynamic sizes (once per process: a prune or a
-    smaller last batch reuses it): one kernel instead of about ten passes over the spectrum. Used on CUDA only; on the
-    CPU the compile costs the demo and the tests more than it saves (``TORCH_COMPILE_DISABLE=1`` turns it off)."""
+    """:func:`spectral_residual` compiled by ``torch.compile`` with dynamic sizes: one kernel instead of about ten
+    passes over the spectrum, compiled once per process for batches of two or more rows (a batch of one, which dynamic
+    shapes specialise, compiles once more). Used on CUDA only; on the CPU the compile costs the demo and the tests
+    more than it saves (``TORCH_COMPILE_DISABLE=1`` turns it off)."""
     return torch.compile(spectral_residual, dynamic=True)
+
+
+_HALF_MEASUREMENTS = WeakTensorKeyDictionary()  # measurement tensor -> (its version, half_measurement's result)
+
+
+def half_measurement(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ybar on the half spectrum of rfft2, the columns' loss weights, ||y - ybar||^2 per row) for
+    :meth:`PhaseRetrieval.gradient`, with ybar[k] = (y[k] + y[-k]) / 2 (indices mod n). Kept per measurement tensor
+    (a level's MCMC steps all measure against the same one) while it lives and its version counter is unchanged;
+    writes that bypass the counter (``y.data``, numpy views) are not seen. Inference tensors are not kept."""
+    cached = None if y.is_inference() else _HALF_MEASUREMENTS.get(y)
+    if cached is not None and cached[0] == y._version:
+        return cached[1]
+    mirrored = torch.roll(torch.flip(y, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))  # y[-k]
+    ybar = (y + mirrored) * 0.5
+    offset = (y - ybar).pow(2).flatten(1).sum(-1)
+    cols = y.shape[-1] // 2 + 1
+    weight = torch.full((cols,), 2.0, dtype=y.dtype, device=y.device)
+    weight[0] = weight[-1] = 1.0  # columns 0 and n/2 hold both k and -k
+    half = (ybar[..., :cols].contiguous(), weight, offset)
+    if not y.is_inference():
+        _HALF_MEASUREMENTS[y] = (y._version, half)
+    return half
 
 
 @register("phase_retrieval")
@@ -164,37 +188,21 @@ class PhaseRetrieval(Operator):
         measurement ybar[k] = (y[k] + y[-k]) / 2, L = ||m - ybar||^2 + ||y - ybar||^2 (the cross term cancels between
         k and -k), and r U' / |U'| with r = |U'| - ybar is Hermitian, so Re FFT^-1 is the inverse real FFT of its half
         spectrum: one rfft2 and one irfft2 (half the transform and spectrum work of fft2 / ifft2), the half's columns
-        1 .. n/2 - 1 weighted 2 in the loss (:meth:`half_measurement`). On CUDA the spectrum's elementwise work is one
+        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). On CUDA the spectrum's elementwise work is one
         compiled kernel (:func:`fused_spectral_residual`). Odd padded sizes, and devices without torch.fft (XLA), take
         autograd's gradient."""
         p = self.pad(x.shape[-1])
         u = F.pad(x * 0.5 + 0.5, (p, p, p, p))
         if x.device.type not in NATIVE_FFT_DEVICES or u.shape[-2] % 2 or u.shape[-1] % 2:
             return super().gradient(x, y)
-        sign = checkerboard(u.shape[-2], u.shape[-1], u.device, u.dtype)
-        ybar, weight, offset = self.half_measurement(y)
-        spec = torch.view_as_real(torch.fft.rfft2(u * sign, norm="ortho"))
-        residual = fused_spectral_residual() if x.device.type == "cuda" else spectral_residual
-        back, loss = residual(spec, ybar, weight)
-        du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=u.shape[-2:], norm="ortho") * sign
+        with torch.no_grad():  # one grad mode for every caller, so that the compiled kernel is traced once
+            sign = checkerboard(u.shape[-2], u.shape[-1], u.device, u.dtype)
+            ybar, weight, offset = half_measurement(y)
+            spec = torch.view_as_real(torch.fft.rfft2(u * sign, norm="ortho"))
+            residual = fused_spectral_residual() if x.device.type == "cuda" else spectral_residual
+            back, loss = residual(spec, ybar, weight)
+            du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=u.shape[-2:], norm="ortho") * sign
         return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], loss + offset
-
-    def half_measurement(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ybar on the half spectrum of rfft2, the columns' loss weights, ||y - ybar||^2 per row) for
-        :meth:`gradient`, with ybar[k] = (y[k] + y[-k]) / 2 (indices mod n). Kept for the last ``y`` seen (a level's
-        MCMC steps all measure against the same tensor) while it is alive and unmodified."""
-        cached = getattr(self, "_half", None)
-        if cached is not None and cached[0]() is y and cached[1] == y._version:
-            return cached[2]
-        mirrored = torch.roll(torch.flip(y, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))  # y[-k]
-        ybar = (y + mirrored) * 0.5
-        offset = (y - ybar).pow(2).flatten(1).sum(-1)
-        cols = y.shape[-1] // 2 + 1
-        weight = torch.full((cols,), 2.0, dtype=y.dtype, device=y.device)
-        weight[0] = weight[-1] = 1.0  # columns 0 and n/2 hold both k and -k
-        half = (ybar[..., :cols].contiguous(), weight, offset)
-        self._half = (weakref.ref(y), y._version, half)
-        return half
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Log-magnitude spectrum, resized to the image."""

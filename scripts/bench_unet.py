@@ -3,9 +3,12 @@ PF-ODE, no grad) and, for latent models, the decoder's forward and backward (eve
 
     python scripts/bench_unet.py --model checkpoints/random/ffhq256ddpm [--batch 10 40] [--gflop 388] [--variants ...]
 
-Variants (``--variants``, default all): fp32, fp32+bench, bf16, bf16+cl+bench, compile+bench, compile+bf16+cl+bench,
-compile+bf16+cl, where ``bf16`` is the model's ``dtype: bfloat16`` (autocast), ``cl`` its ``channels_last``, ``bench``
-``torch.backends.cudnn.benchmark`` (the sampler leaves it off) and ``compile`` the model's ``compile: default``.
+Variants (``--variants``, default all, run in this order): fp32, fp32+bench, bf16, bf16+cl+bench, compile+bench,
+compile+bf16+cl, compile+bf16+cl+bench, where ``bf16`` is the model's ``dtype: bfloat16`` (autocast), ``cl`` its
+``channels_last``, ``bench`` ``torch.backends.cudnn.benchmark`` (the sampler leaves it off) and ``compile`` the
+model's ``compile: default``.
+cuDNN keeps the plans it chose for the process, so a variant without ``bench`` after one with it may reuse benchmarked
+plans: each no-bench variant comes before its bench twin (or run one variant per process).
 Prints the median milliseconds per batch and per image over 20 timed calls (CUDA events, after 5 warm-ups; a
 compiled variant's first call, the compile, is printed as well), the largest difference of the output from fp32's,
 and given --gflop (forward GFLOP per image; 388 for the ffhq256 ADM), the achieved TFLOP/s.
@@ -31,8 +34,8 @@ VARIANTS = {  # name: (model options, cudnn.benchmark)
     "bf16": ({"dtype": "bfloat16"}, False),
     "bf16+cl+bench": ({"dtype": "bfloat16", "channels_last": True}, True),
     "compile+bench": ({"compile": "default"}, True),
-    "compile+bf16+cl+bench": ({"dtype": "bfloat16", "channels_last": True, "compile": "default"}, True),
     "compile+bf16+cl": ({"dtype": "bfloat16", "channels_last": True, "compile": "default"}, False),
+    "compile+bf16+cl+bench": ({"dtype": "bfloat16", "channels_last": True, "compile": "default"}, True),
 }
 
 

@@ -12,7 +12,8 @@ PF-ODE solve to the level's prior mean (the network evaluations) and the kernel'
 - per part, the operators with the most host time (self CPU) and, on CUDA, the kernels with the most device time;
 - wall time of each part and its share of the two.
 
-``--trace OUT.json`` writes a Chrome trace (chrome://tracing, Perfetto) per part: OUT_ode.json and OUT_mcmc.json. Example (Fashion-MNIST pixel prior, 20 images):
+``--trace OUT.json`` writes a Chrome trace (chrome://tracing, Perfetto) per part: OUT_ode.json and OUT_mcmc.json.
+Example (Fashion-MNIST pixel prior, 20 images):
 
     python scripts/profile_level.py -- +data=test-fmnist +model=fmnist32ddpm +sampler=edm_daps +task=phase_retrieval \\
         task_group=fmnist_pixel data.end_id=20 batch_size=20 num_samples=4 eval_fn_list=[psnr] save_dir=/tmp/prof
@@ -80,8 +81,9 @@ def main() -> None:
         cls.run = run
         del ode.solve
     if any("prof" not in rec for rec in record.values()):
-        sys.exit(f"profile_level: the run made {record['mcmc'].get('calls', 0)} level(s) of MCMC (exit code {code}); "
-                 f"--level {args.level} was not reached")
+        sys.exit(f"profile_level: the run made {record['ode'].get('calls', 0)} ODE solve(s) and "
+                 f"{record['mcmc'].get('calls', 0)} level(s) of MCMC (exit code {code}); --level {args.level} was not "
+                 f"reached")
     mcmc, steps = record["mcmc"], kernel.num_steps
     top = [e for e in mcmc["prof"].events() if e.name.startswith("aten::") and e.cpu_parent is None]
     print(f"device {parts.device}; level {args.level}: {steps} MCMC steps ({kernel.name}), wall {mcmc['sec']:.3f} s, "
@@ -99,6 +101,7 @@ def main() -> None:
             trace = args.trace.with_name(f"{args.trace.stem}_{part}{args.trace.suffix}")
             rec["prof"].export_chrome_trace(str(trace))
             print(f"trace: {trace}")
+
 
 if __name__ == "__main__":
     main()

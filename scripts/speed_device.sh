@@ -30,7 +30,8 @@
 #
 # BASE_CODE is a `git archive` of the baseline commit with checkpoints and dataset linked in (bench_daps.py --a-code).
 # FAST (default "noise=counter-fused") is side B's overrides; REPEATS (default 2) the alternations of bench_daps.py;
-# EVAL the Fashion-MNIST runs' eval_fn_list (default [psnr]); SPEED_OVERRIDES extra Hydra overrides of every run (a CPU smoke test: "gpu=-1 sampler.annealing_scheduler_config.num_steps=2").
+# EVAL the Fashion-MNIST runs' eval_fn_list (default [psnr]); SPEED_OVERRIDES extra Hydra overrides of every run
+# (a CPU smoke test: "gpu=-1 sampler.annealing_scheduler_config.num_steps=2").
 # Each measurement writes SAVE_DIR/<name>.txt (and bench_daps.py's SAVE_DIR/<name>.json); "<name> rc wall_sec" goes
 # to stdout and SAVE_DIR/walltimes.txt.
 set -u
@@ -114,11 +115,12 @@ level_profile() {  # level_profile NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: pro
     done
     # a second process of the fast side (AGAIN=0: none): its compile reads what the first left in inductor's cache
     [ "${AGAIN:-1}" = 0 ] && return 0
+    case " ${PROFILE_SIDES:-eager fast} " in *" fast "*) ;; *) return 0 ;; esac
     # shellcheck disable=SC2086
     device_run "$name" "${name}_fast_again" $PY posterior_sample.py +data=demo-natural +task=phase_retrieval \
         +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images batch_size=$images \
-        num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false sampler.annealing_scheduler_config.num_steps=3 \
-        save_dir=$SAVE/$name name=fast_again $FAST ${SPEED_OVERRIDES:-}
+        num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false \
+        sampler.annealing_scheduler_config.num_steps=3 save_dir=$SAVE/$name name=fast_again $FAST ${SPEED_OVERRIDES:-}
 }
 level_profile profile_adm ffhq256ddpm "$ADM" 10 4
 level_profile profile_ldm ffhq256ldm "$LDM" 10 1

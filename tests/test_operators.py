@@ -101,17 +101,26 @@ def test_phase_retrieval_closed_form_gradient_is_autograds(oversample, size):
 
 
 def test_phase_retrieval_half_measurement_follows_the_measurement():
-    """The symmetrised half measurement is kept for the tensor it was made from, and remade for another tensor or
-    after that tensor changed in place (the gradient then still equals autograd's)."""
+    """The symmetrised half measurement is kept per measurement tensor, and remade for another tensor or after that
+    tensor changed in place (the gradient then still equals autograd's); the operator keeps no state (deep copies)."""
+    import copy
+
+    from cores.operators import half_measurement
+
     op = PhaseRetrieval().double()
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
     y = op(torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1)
-    first = op.half_measurement(y)
-    assert op.half_measurement(y) is first
-    assert op.half_measurement(y.clone()) is not first
+    first = half_measurement(y)
+    assert half_measurement(y) is first
+    other = y.clone()
+    assert half_measurement(other) is not first and half_measurement(y) is first
     y.add_(0.2 * torch.randn_like(y))
-    assert op.half_measurement(y) is not first
+    assert half_measurement(y) is not first
     torch.testing.assert_close(op.gradient(x, y)[0], Operator.gradient(op, x, y)[0], rtol=1e-10, atol=1e-12)
+    copy.deepcopy(op)
+    with torch.inference_mode():
+        frozen = y.clone()
+        torch.testing.assert_close(op.gradient(x, frozen)[0], op.gradient(x, y)[0])
 
 
 def test_fused_spectral_residual_is_the_eager_one():
@@ -120,6 +129,7 @@ def test_fused_spectral_residual_is_the_eager_one():
     from cores.operators import fused_spectral_residual, spectral_residual
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     fused_spectral_residual.cache_clear()
     for batch in (3, 5):
         spec = torch.randn(batch, 2, 12, 7, 2)
@@ -181,3 +191,21 @@ def test_clear_errors():
     op = copy.deepcopy(build_operator({"name": "inpainting", "mask_type": "random", "resolution": 8}, seed=5))
     op2 = build_operator({"name": "inpainting", "mask_type": "random", "resolution": 8}, seed=5)
     assert torch.equal(op.mask, op2.mask)
+
+
+def test_phase_retrieval_gradient_runs_its_spectrum_kernel_without_grad(monkeypatch):
+    """The closed form runs in one grad mode whatever the caller's (the MCMC calls it with grad enabled, the run's
+    warm-up without), so that its compiled kernel on CUDA is traced once, not once per mode."""
+    import cores.operators as ops
+
+    modes = []
+    plain = ops.spectral_residual
+    monkeypatch.setattr(ops, "spectral_residual", lambda *a: (modes.append(torch.is_grad_enabled()), plain(*a))[1])
+    op = PhaseRetrieval()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    y = op(torch.rand(2, 1, 8, 8) * 2 - 1)
+    with torch.enable_grad():
+        op.gradient(x, y)
+    with torch.no_grad():
+        op.gradient(x, y)
+    assert modes == [False, False]

@@ -553,11 +553,11 @@ def test_unwritable_save_dir_is_one_line(tmp_path, monkeypatch):
         run.open()
 
 
-def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog):
+def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog, eager_compile):
     """A compiled model (model.compile) compiles for a full chunk's particles before the first chunk, outside the
-    sampling clock; an uncompiled one is not called. The noise draw and the operator's gradient are warmed up too
-    (what compiles there on CUDA), once."""
-    parts = build(f"save_dir={tmp_path}", "name=w")
+    sampling clock; an uncompiled one is not called. The fused noise draw is warmed up too, once; generator noise on
+    the CPU has nothing to warm up."""
+    parts = build(f"save_dir={tmp_path}", "name=w", "noise=counter-fused")
     calls: list[int] = []
     parts.model.compiled = "default"
     parts.model.warm_up = calls.append
@@ -565,5 +565,8 @@ def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog):
         assert Run(parts).execute() == 0
     assert calls == [1 * 2]  # one call, batch_size x num_samples of SMALL
     assert "model.compile=default: compiled the networks for 2 particles" in caplog.text
-    assert caplog.text.count("warm-up: the noise draw (noise=generator) and the ") == 1
-    assert " gradient for 2 particles in " in caplog.text
+    assert caplog.text.count("warm-up: the fused noise draw for 2 particles in ") == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="posterior_sample"):
+        assert Run(build(f"save_dir={tmp_path}", "name=g", "noise=generator")).execute() == 0
+    assert "warm-up" not in caplog.text and "compiled the networks" not in caplog.text

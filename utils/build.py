@@ -106,7 +106,8 @@ def check_name(name: Any) -> None:
 
 # Keys that runs written before them lack, with the value that behaves as those runs did: a config.yaml without the
 # key matches a command that sets it to this value (e.g. model.compile=none resumes a run from before model.compile).
-ADDED_KEYS = {"noise": "generator", "model.compile": "none", "model.channels_last": False}
+ADDED_KEYS = {"noise": "generator", "model.compile": "none", "model.channels_last": False,
+              "model.decoder_attention": "sdpa"}
 
 
 def config_differences(saved: Mapping[str, Any], cfg: DictConfig, free: Sequence[str] = RESUME_FREE_KEYS
