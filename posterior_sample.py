@@ -202,10 +202,10 @@ class Run:
 
     def warm_up(self) -> None:
         """Compile, before the sampling clock starts, what sampling would otherwise compile inside it, for a full
-        chunk's particles: the networks of a compiled model (``model.compile``), the fused noise draw (``noise:
+        chunk's particles: the networks of a compiled model (``model.compile``), a fused noise draw (``noise:
         counter-fused``, what ``auto`` is on CUDA) and, on CUDA, the operator's gradient (phase retrieval's fused
-        spectrum kernel). The draw and the gradient kernel have dynamic sizes; the networks compile once more, inside sampling,
-        for a smaller last chunk, a prune or K2's particle count."""
+        spectrum kernel). The draw and the gradient kernel have dynamic sizes; the networks compile once more, inside
+        sampling, for a smaller last chunk, a prune or K2's particle count."""
         if not self.todo:
             return
         parts, dev = self.parts, self.parts.device
@@ -216,19 +216,19 @@ class Run:
             model.warm_up(n)
             log.info("model.compile=%s: compiled the networks for %d particles in %.1f s", model.compiled, n,
                      time.perf_counter() - start)
-        fused_noise, cuda = self.cfg.noise == "counter-fused", dev.type == "cuda"
-        if not (fused_noise or cuda):  # nothing else compiles (XLA would trace a graph that sampling does not reuse)
+        noise, cuda = particle_noise(self.cfg.noise, list(range(n)), dev), dev.type == "cuda"
+        if not (noise.fused or cuda):  # nothing else compiles (XLA would trace a graph that sampling does not reuse)
             return
         start = time.perf_counter()
-        if fused_noise:
-            particle_noise(self.cfg.noise, list(range(n)), dev).randn_like(torch.zeros(n, *model.in_shape, device=dev))
+        if noise.fused:
+            noise.randn_like(torch.zeros(n, *model.in_shape, device=dev))
         if cuda:
             image = torch.zeros(n, *model.image_shape, device=dev)
             with torch.no_grad():
                 op.gradient(image, op(image))
         synchronize(dev)
         log.info("warm-up: %s for %d particles in %.1f s", " and ".join(
-            (["the fused noise draw"] if fused_noise else []) + ([f"the {op.name} gradient"] if cuda else [])),
+            (["the fused noise draw"] if noise.fused else []) + ([f"the {op.name} gradient"] if cuda else [])),
             n, time.perf_counter() - start)
 
     def chunks(self) -> Iterator[list]:

@@ -537,10 +537,10 @@ def build_model(cfg: dict, device: torch.device | str = "cpu") -> Denoiser:
     """Model from its config: ``name`` picks the builder, the other keys are its arguments. ``compile: auto`` is
     "default" on CUDA and "none" elsewhere (the CPU pays a compile of a minute or more; torch_xla compiles its own)."""
     cfg = dict(cfg)
-    name = cfg.pop("name", None)
+    name, kind = cfg.pop("name", None), torch.device(device).type
     if cfg.get("compile") == "auto":
-        cfg["compile"] = "default" if torch.device(device).type == "cuda" else "none"
-    if cfg.get("compile", "none") != "none" and torch.device(device).type == "xla":
+        cfg["compile"] = "default" if kind == "cuda" else "none"
+    if cfg.get("compile", "none") != "none" and kind == "xla":
         raise ValueError(f"model.compile={cfg['compile']} runs torch.compile's inductor, which does not serve XLA "
                          f"devices (torch_xla compiles its own graphs): set model.compile=none or auto")
     if name not in MODELS:

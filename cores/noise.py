@@ -45,6 +45,8 @@ class ParticleNoise:
     On XLA the generators live on the CPU and each draw is transferred to the device.
     """
 
+    fused = False  # whether draws run a compiled kernel (CounterNoise with fused=True)
+
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.gen_device = eager_device(self.device)

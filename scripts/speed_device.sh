@@ -86,14 +86,17 @@ nets() {  # nets NAME MODEL BATCH [GFLOP]: scripts/bench_unet.py's variants (NET
 }
 nets nets_adm ffhq256ddpm 40 388
 nets nets_ldm ffhq256ldm 10
+natural_run() {  # natural_run MODEL SAMPLER_GROUPS IMAGES SAMPLES: the overrides of a 256 px run (random weights)
+    echo "+data=demo-natural +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$1 $2 data.end_id=$3 \
+batch_size=$3 num_samples=$4 gpu=$GPU eval_fn_list=[psnr] save_samples=false"
+}
 natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: a 256 px architecture with random weights, BASE_CODE
-    local name=$1 model=$2 groups=$3 images=$4 samples=$5   # against FAST
+    local name=$1 model=$2   # against FAST
     device_selected "$name" || return 0
     random_model "$model"
     device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/$name" \
-        --json "$SAVE/$name.json" --a-code "${BASE_CODE:-.}" --b "$FAST" --common "+data=demo-natural \
-+task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images \
-batch_size=$images num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false ${SPEED_OVERRIDES:-}"
+        --json "$SAVE/$name.json" --a-code "${BASE_CODE:-.}" --b "$FAST" \
+        --common "$(natural_run "$model" "$3" "$4" "$5") ${SPEED_OVERRIDES:-}"
     flat_metrics "$name"
 }
 ADM="+sampler=edm_daps task_group=pixel_hmc +sampler.diffusion_scheduler_config.solver=euler"
@@ -101,26 +104,22 @@ LDM="+sampler=latent_edm_daps task_group=ldm"
 natural adm_base ffhq256ddpm "$ADM" 10 4
 natural ldm256_base ffhq256ldm "$LDM" 10 1
 level_profile() {  # level_profile NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: profile_level.py of level 1 of 3, fp32
-    local name=$1 model=$2 groups=$3 images=$4 samples=$5 side   # eager with generator noise ("eager"), with FAST
-    device_selected "$name" || return 0                          # ("fast"); PROFILE_SIDES picks (default both)
+    local name=$1 model=$2 run side   # eager with generator noise ("eager"), with FAST ("fast"); PROFILE_SIDES picks
+    device_selected "$name" || return 0   # (default both)
     random_model "$model"
+    run="$(natural_run "$model" "$3" "$4" "$5") sampler.annealing_scheduler_config.num_steps=3 save_dir=$SAVE/$name"
     for side in ${PROFILE_SIDES:-eager fast}; do
         local extra="noise=generator"
         [ "$side" = fast ] && extra=$FAST
         # shellcheck disable=SC2086
-        device_run "$name" "${name}_$side" $PY scripts/profile_level.py --top 15 -- +data=demo-natural \
-            +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images \
-            batch_size=$images num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false \
-            sampler.annealing_scheduler_config.num_steps=3 save_dir=$SAVE/$name name=$side $extra ${SPEED_OVERRIDES:-}
+        device_run "$name" "${name}_$side" $PY scripts/profile_level.py --top 15 -- $run name=$side $extra \
+            ${SPEED_OVERRIDES:-}
     done
     # a second process of the fast side (AGAIN=0: none): its compile reads what the first left in inductor's cache
     [ "${AGAIN:-1}" = 0 ] && return 0
     case " ${PROFILE_SIDES:-eager fast} " in *" fast "*) ;; *) return 0 ;; esac
     # shellcheck disable=SC2086
-    device_run "$name" "${name}_fast_again" $PY posterior_sample.py +data=demo-natural +task=phase_retrieval \
-        +model.name=diffusers +model.path=$SAVE/rand/$model $groups data.end_id=$images batch_size=$images \
-        num_samples=$samples gpu=$GPU eval_fn_list=[psnr] save_samples=false \
-        sampler.annealing_scheduler_config.num_steps=3 save_dir=$SAVE/$name name=fast_again $FAST ${SPEED_OVERRIDES:-}
+    device_run "$name" "${name}_fast_again" $PY posterior_sample.py $run name=fast_again $FAST ${SPEED_OVERRIDES:-}
 }
 level_profile profile_adm ffhq256ddpm "$ADM" 10 4
 level_profile profile_ldm ffhq256ldm "$LDM" 10 1
