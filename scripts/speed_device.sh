@@ -15,7 +15,8 @@
 #               numbers: how far rounding alone moves the metrics
 #   nets_adm    scripts/bench_unet.py, the ffhq256 ADM's UNet at batch 40 (random weights): fp32, bf16, channels_last,
 #               cudnn.benchmark, compiled (NET_VARIANTS picks some)
-#   nets_ldm    the same for the LDM-FFHQ UNet and its decoder's forward and backward, batch 10
+#   nets_ldm    the same for the LDM-FFHQ UNet and its decoder's forward and backward, batch 10 (NET_PROFILE=1: and a
+#               profile of each, with the tensor copies by operator and layout)
 #   adm_base    DAPS-1K pixel_hmc with the ffhq256 ADM architecture (random weights, scripts/make_random_model.py),
 #               the 10 demo-natural images x num_samples=4 in one batch (the target setting): BASE_CODE
 #               against FAST; about 240 s per baseline run on an H100, so REPEATS=1 fits one device call
@@ -25,6 +26,8 @@
 #   profile_adm scripts/profile_level.py of level 1 of 3 of adm_base's workload, fp32 eager with generator noise
 #               and with FAST, then FAST once more in a second process (the compile from inductor's on-disk cache)
 #   profile_ldm the same for ldm256_base's workload
+#   startup     where a process's time before the run's clock goes: `python -X importtime` of posterior_sample, and
+#               cProfile of adm_base's B side for one level (STARTUP_EXTRA: more overrides, e.g. the compile)
 #
 #   BASE_CODE=DIR bash scripts/speed_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE=20] [RUNS=all]
 #
@@ -82,7 +85,7 @@ nets() {  # nets NAME MODEL BATCH [GFLOP]: scripts/bench_unet.py's variants (NET
     random_model "$model"
     # shellcheck disable=SC2086
     device_run "$name" "$name" $PY scripts/bench_unet.py --model "$SAVE/rand/$model" --batch "$batch" \
-        ${4:+--gflop $4} ${NET_VARIANTS:+--variants $NET_VARIANTS}
+        ${4:+--gflop $4} ${NET_VARIANTS:+--variants $NET_VARIANTS} ${NET_PROFILE:+--profile}
 }
 nets nets_adm ffhq256ddpm 40 388
 nets nets_ldm ffhq256ldm 10
@@ -123,3 +126,16 @@ level_profile() {  # level_profile NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: pro
 }
 level_profile profile_adm ffhq256ddpm "$ADM" 10 4
 level_profile profile_ldm ffhq256ldm "$LDM" 10 1
+startup() {  # the imports (-X importtime, the 25 slowest) and a cProfile of one level of adm_base's B side
+    device_selected startup || return 0
+    random_model ffhq256ddpm
+    device_run startup startup_imports $PY -X importtime -c "import posterior_sample"
+    sort -t'|' -k2 -n "$SAVE/startup_imports.txt" | tail -n 25 > "$SAVE/startup_imports_top.txt"
+    # shellcheck disable=SC2086
+    device_run startup startup_adm $PY -m cProfile -o "$SAVE/startup_adm.prof" posterior_sample.py \
+        $(natural_run ffhq256ddpm "$ADM" 10 4) sampler.annealing_scheduler_config.num_steps=1 save_dir="$SAVE/startup" \
+        name=startup $FAST ${STARTUP_EXTRA:-} ${SPEED_OVERRIDES:-}
+    $PY -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(70)" \
+        "$SAVE/startup_adm.prof" > "$SAVE/startup_adm_stats.txt" 2>&1
+}
+startup
