@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cores.gmm import IsotropicMixture, mixture_from_config
+from cores.layout import keep_channels_last
 from cores.scheduler import vp_sigma
 
 log = logging.getLogger(__name__)
@@ -454,7 +455,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     ``class_conditional`` ({num_classes, unconditional_class}) the UNet is a UNet2DConditionModel behind
     :class:`ClassConditionalEps`: ``class_label`` (default: the unconditional class) and ``class_labels_file``
     (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors. ``compile``
-    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both.
+    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both (the
+    decoder's group norms and upsamplers then keep NHWC in its backward too: :func:`cores.layout.keep_channels_last`).
     ``decoder_attention``: 'matmul' runs the decoder's attention as matrix products (:func:`matmul_attention`),
     'sdpa' keeps diffusers' scaled_dot_product_attention (less memory for large batches, slower backward).
     """
@@ -499,6 +501,7 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
         if decoder_attention == "matmul":
             matmul_attention(ae.decoder)
         if channels_last:
+            keep_channels_last(ae.decoder)
             ae.decoder.to(memory_format=torch.channels_last)
         model = LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
     model.compile_networks(compile)
