@@ -159,13 +159,19 @@ def test_a_crash_is_failed_and_resume_finishes_it_as_an_uninterrupted_run(tmp_pa
     assert check.returncode == 0 and check.stdout.count("4 levels, propagates=True") == 3, check.stdout
 
 
-@pytest.mark.parametrize("batch_size, writes", [(3, 3), (1, 5)])
-def test_metrics_json_is_written_once_per_batch_not_per_image(tmp_path, monkeypatch, straight, batch_size, writes):
-    """At the start, after each batch, at the end: 3 images in one batch of 3 (3 writes) or in 3 batches (5)."""
+@pytest.mark.parametrize("batch_size, writes, grids", [(3, 3, 1), (1, 5, 3)])
+def test_metrics_json_is_written_once_per_batch_not_per_image(tmp_path, monkeypatch, straight, batch_size, writes,
+                                                              grids):
+    """At the start, after each batch, at the end: 3 images in one batch of 3 (3 writes) or in 3 batches (5). The
+    grid after each batch, not again at the end when it shows the same images."""
     real, names = utils.results.dump_json, []
     monkeypatch.setattr(utils.results, "dump_json", lambda obj, path: (names.append(Path(path).name), real(obj, path)))
+    real_grid, grid_writes = utils.results.save_grid, []
+    monkeypatch.setattr(utils.results, "save_grid", lambda rows, path: (grid_writes.append(path),
+                                                                         real_grid(rows, path)))
     assert run_in_process(f"save_dir={tmp_path}", "name=r", f"batch_size={batch_size}") == 0
     assert names.count("metrics.json") == writes
+    assert len(grid_writes) == grids and (tmp_path / "r" / "grid_results.png").is_file()
     metrics = read(tmp_path / "r", "metrics.json")
     assert metrics["status"] == "complete" and metrics["num_images_done"] == 3
     assert [img["index"] for img in metrics["images"]] == [0, 1, 2]
