@@ -11,7 +11,7 @@ diffusers' parts break the layout of the gradient (an H100 profile, docs/benchma
 
 :class:`LayoutGroupNorm` writes the same normalisation, (x - mean) / sqrt(var + eps) * weight + bias over each group
 of C / G channels and all positions (Wu & He 2018, eq. 1), with reductions and elementwise operations, which keep
-their input's layout, in float32 as autocast runs ``group_norm``. :func:`nearest_2x` repeats each pixel 2 x 2 by a
+their input's layout, in float32 as autocast runs ``group_norm`` (the result in the input's dtype). :func:`nearest_2x` repeats each pixel 2 x 2 by a
 broadcast and a reshape in the input's own layout, whose backward sums the four copies.
 :func:`keep_channels_last` puts both into a network in place (state_dict keys and weights unchanged).
 """
@@ -21,8 +21,10 @@ import torch
 
 
 class LayoutGroupNorm(torch.nn.GroupNorm):
-    """``torch.nn.GroupNorm`` whose output and input gradient have the input's memory layout; computed and returned in
-    float32 at least (as autocast runs ``group_norm``). Same parameters and state_dict."""
+    """``torch.nn.GroupNorm`` whose output and input gradient have the input's memory layout. Computed in float32 at
+    least (as autocast runs ``group_norm``); a bfloat16 / float16 input gets its result rounded to its own dtype (in
+    the decoder the next convolution rounds it so anyway, after the activation: this halves the traffic of the
+    norm's saved tensors and gradients). Same parameters and state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(1, (self.num_groups, x.shape[1] // self.num_groups))  # a view in NCHW and NHWC
@@ -31,7 +33,7 @@ class LayoutGroupNorm(torch.nn.GroupNorm):
         if self.affine:
             shape = (-1,) + (1,) * (x.dim() - 2)
             h = h * self.weight.view(shape) + self.bias.view(shape)
-        return h
+        return h.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16) else h
 
 
 def nearest_2x(x: torch.Tensor) -> torch.Tensor:
