@@ -25,7 +25,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cores.gmm import IsotropicMixture, mixture_from_config
-from cores.layout import keep_channels_last
 from cores.scheduler import vp_sigma
 
 log = logging.getLogger(__name__)
@@ -501,6 +500,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
         if decoder_attention == "matmul":
             matmul_attention(ae.decoder)
         if channels_last:
+            from cores.layout import keep_channels_last
+
             keep_channels_last(ae.decoder)
             ae.decoder.to(memory_format=torch.channels_last)
         model = LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)

@@ -93,17 +93,6 @@ def enclosing_ops(events: list[dict], depth: int = 3) -> dict[int, str]:
     return parents
 
 
-def kernel_kind(name: str) -> str:
-    """A kernel's family by its name: inductor's triton kernels, cuDNN's convolutions, GEMMs, aten's own."""
-    if name.startswith("triton_"):
-        return "triton"
-    if "xmma" in name or "cudnn" in name or "fort_native" in name:
-        return "cudnn"
-    if any(k in name for k in ("nvjet", "gemm", "cutlass", "sm90_")):
-        return "gemm"
-    return "aten/other"
-
-
 def profile_calls(call: Callable[[], torch.Tensor], reps: int = 3, top: int = 12) -> None:
     """Print the ``top`` kernels by GPU time and the copies per call of ``reps`` calls of ``call``."""
     from torch.profiler import ProfilerActivity, profile
@@ -112,13 +101,7 @@ def profile_calls(call: Callable[[], torch.Tensor], reps: int = 3, top: int = 12
         for _ in range(reps):
             call()
         torch.cuda.synchronize()
-    averages = prof.key_averages()
-    print(averages.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
-    kinds: collections.Counter = collections.Counter()
-    for e in averages:
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kinds[kernel_kind(e.key)] += e.self_device_time_total / 1000 / reps
-    print("GPU ms per call by kind of kernel: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.most_common()))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))

@@ -13,7 +13,8 @@
 #   ldm_bf16    the same on the latent prior (the UNet and the decoder in bf16, channels_last, compiled)
 #   px_fp32c    the control of px_bf16: FAST (A) against FAST + the UNet compiled in float32 (B), the same random
 #               numbers: how far rounding alone moves the metrics
-#   ldm_fp32c   the same on the latent prior
+#   ldm_fp32c   the same on the latent prior, B with channels_last (the decoder's layout rewrite) as in ldm_bf16's B:
+#               the pair differs from ldm_bf16 in the dtype only
 #   nets_adm    scripts/bench_unet.py, the ffhq256 ADM's UNet at batch 40 (random weights): fp32, bf16, channels_last,
 #               cudnn.benchmark, compiled (NET_VARIANTS picks some)
 #   nets_ldm    the same for the LDM-FFHQ UNet and its decoder's forward and backward, batch 10 (NET_PROFILE=1: and a
@@ -76,7 +77,7 @@ bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
 bench px_bf16 "$PIXEL" --a "$FAST" --b "$FAST $BF16"
 bench ldm_bf16 "$LATENT" --a "$FAST" --b "$FAST $BF16"
 bench px_fp32c "$PIXEL" --a "$FAST" --b "$FAST model.compile=default"
-bench ldm_fp32c "$LATENT" --a "$FAST" --b "$FAST model.compile=default"
+bench ldm_fp32c "$LATENT" --a "$FAST" --b "$FAST +model.channels_last=true model.compile=default"
 random_model() {  # random_model MODEL: configs/model/MODEL.yaml's architecture with random weights in $SAVE/rand/MODEL
     [ -d "$SAVE/rand/$1" ] || $PY scripts/make_random_model.py --config "configs/model/$1.yaml" --out "$SAVE/rand/$1" \
         > "$SAVE/rand_$1.txt" 2>&1

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cores.layout import LayoutGroupNorm, keep_channels_last, nearest_2x
+from cores.layout import LayoutGroupNorm, LayoutUpsample2D, keep_channels_last, nearest_2x
 from cores.models import build_model
 
 CL = torch.channels_last
@@ -17,28 +17,46 @@ def _value_and_grad(fn, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
     return y, g
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
-def test_group_norm_equals_torch_and_keeps_layout(layout):
+def _norms(affine: bool, channels: int = 12, groups: int = 4) -> tuple[torch.nn.GroupNorm, LayoutGroupNorm]:
     gen = torch.Generator().manual_seed(0)
-    norm = torch.nn.GroupNorm(4, 12, eps=1e-6).double()
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(12, generator=gen))
-        norm.bias.copy_(torch.randn(12, generator=gen))
-    ours = LayoutGroupNorm(4, 12, eps=1e-6).double()
+    norm = torch.nn.GroupNorm(groups, channels, eps=1e-6, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(channels, generator=gen))
+            norm.bias.copy_(torch.randn(channels, generator=gen))
+    ours = LayoutGroupNorm(groups, channels, eps=1e-6, affine=affine).double()
     ours.load_state_dict(norm.state_dict())
+    return norm, ours
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_group_norm_equals_torch_and_keeps_layout(layout, affine):
+    norm, ours = _norms(affine)
+    gen = torch.Generator().manual_seed(1)
     x = (3 * torch.randn(2, 12, 5, 7, dtype=torch.float64, generator=gen) + 1).to(memory_format=layout)
     w = torch.randn(2, 12, 5, 7, dtype=torch.float64, generator=gen).to(memory_format=layout)  # the upstream gradient
     y, g = _value_and_grad(norm, x, w)
     y2, g2 = _value_and_grad(ours, x, w)
     torch.testing.assert_close(y2, y)
     torch.testing.assert_close(g2, g)
-    low = x.to(torch.bfloat16)  # computed in float32 at least (here the parameters' float64), rounded to bfloat16
-    torch.testing.assert_close(ours(low), norm(low.double()).to(torch.bfloat16), rtol=0, atol=0)
     assert y2.is_contiguous(memory_format=layout) and g2.is_contiguous(memory_format=layout)
-    if layout is CL:  # the traced graph's layouts (meta tensors): torch's group norm turns NHWC into NCHW, ours not
+    if layout is CL:  # the layouts a compiled graph records (meta tensors) keep NHWC too
         meta = torch.empty(2, 12, 5, 7, device="meta").to(memory_format=CL)
-        assert not norm.float().to("meta")(meta).is_contiguous(memory_format=CL)
         assert ours.float().to("meta")(meta).is_contiguous(memory_format=CL)
+
+
+def test_group_norm_of_a_bfloat16_input_is_float32_as_under_autocast():
+    """A bfloat16 activation with float32 parameters (a convolution's output under autocast): the result is float32
+    and equals torch's group norm of the same values in float32; a 3-D (N, C, L) input works as well."""
+    norm, ours = _norms(affine=True)
+    norm, ours = norm.float(), ours.float()
+    x = torch.randn(2, 12, 6, 6, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y = ours(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, norm(x.float()), rtol=1e-5, atol=1e-5)
+    seq = torch.randn(2, 12, 9, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours(seq), norm(seq), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
@@ -53,18 +71,37 @@ def test_nearest_2x_equals_interpolate_and_keeps_layout(layout):
     assert y2.is_contiguous(memory_format=layout) and g2.is_contiguous(memory_format=layout)
 
 
-def test_channels_last_decoder_keeps_its_image_and_gradient(latent_model_dir):
-    """channels_last swaps the decoder's group norms and upsamplers (keep_channels_last): the decoded image and its
-    gradient stay those of diffusers' modules (float64); an upsampler asked for another size is refused."""
+def test_upsampler_keeps_channels_last_at_64_images_and_refuses_other_sizes():
+    """diffusers makes a batch of 64 or more contiguous (NCHW) before interpolating; LayoutUpsample2D does not, and
+    gives the same values (its convolution included)."""
     from diffusers.models.upsampling import Upsample2D
 
+    up = Upsample2D(4, use_conv=True).to(memory_format=CL)
+    ours = Upsample2D(4, use_conv=True).to(memory_format=CL)
+    ours.load_state_dict(up.state_dict())
+    keep_channels_last(ours)
+    assert type(ours) is LayoutUpsample2D
+    x = torch.randn(64, 4, 3, 3, generator=torch.Generator().manual_seed(4)).to(memory_format=CL)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), up(x))
+        assert ours(x, output_size=(6, 6)).shape[-2:] == (6, 6) and ours(x, 6).shape[-2:] == (6, 6)
+        bare, bare_ours = Upsample2D(4), Upsample2D(4)  # no convolution: the upsampling's own output layout
+        keep_channels_last(bare_ours)
+        assert bare_ours(x).is_contiguous(memory_format=CL) and not bare(x).is_contiguous(memory_format=CL)
+    for size in ((5, 5), 7):
+        with pytest.raises(ValueError, match="upsamples by 2 only"):
+            ours(x, output_size=size)
+
+
+def test_channels_last_decoder_keeps_its_image_and_gradient(latent_model_dir):
+    """channels_last swaps the decoder's group norms and upsamplers (keep_channels_last): the decoded image and its
+    gradient stay those of diffusers' modules (float64), with the same state_dict."""
     plain = build_model({"name": "diffusers", "path": str(latent_model_dir)}).double()
     fast = build_model({"name": "diffusers", "path": str(latent_model_dir), "channels_last": True}).double()
     decoder = fast.autoencoder.decoder
     assert any(type(m) is LayoutGroupNorm for m in decoder.modules())
     assert not any(type(m) is torch.nn.GroupNorm for m in decoder.modules())
-    ups = [m for m in decoder.modules() if isinstance(m, Upsample2D)]
-    assert ups and not any(m.interpolate for m in ups)
+    assert any(type(m) is LayoutUpsample2D for m in decoder.modules())
     assert fast.autoencoder.state_dict().keys() == plain.autoencoder.state_dict().keys()
     z = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     w = torch.randn(2, *plain.image_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -72,11 +109,6 @@ def test_channels_last_decoder_keeps_its_image_and_gradient(latent_model_dir):
     x2, g2 = _value_and_grad(fast.decode, z, w)
     torch.testing.assert_close(x2, x)
     torch.testing.assert_close(g2, g)
-    up = ups[0]
-    h = torch.randn(1, up.channels, 3, 3, dtype=torch.float64)
-    assert up(h).shape[-2:] == (6, 6)
-    with pytest.raises(ValueError, match="upsamples by 2 only"):
-        up(h, output_size=(5, 5))
 
 
 def test_keep_channels_last_leaves_other_norms_alone():

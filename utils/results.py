@@ -393,7 +393,7 @@ class RunResults:
 
     def write_grid(self) -> None:
         """grid_results.png, unless it already shows the current columns (the last batch's write, at the finish:
-        encoding adm_base's 256 px grid took 1.4 s on the H100's host, under cProfile)."""
+        encoding adm_base's 256 px grid took 1.5 s on the H100's host, under cProfile)."""
         if not self.grid or self.grid_saved:
             return
         columns = [[g["gt"], g["y"], *g["x"]] for _, g in sorted(self.grid.items())]
