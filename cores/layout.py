@@ -54,6 +54,8 @@ class LayoutUpsample2D(Upsample2D):
 
     def forward(self, hidden_states: torch.Tensor, output_size: int | tuple[int, int] | None = None, *args,
                 **kwargs) -> torch.Tensor:
+        if hidden_states.shape[1] != self.channels:
+            raise ValueError(f"{type(self).__name__} of {self.channels} channels got {hidden_states.shape[1]}")
         h, w = hidden_states.shape[-2:]
         if output_size is not None:
             size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)

@@ -12,7 +12,7 @@
 #               the same random numbers, so the pair is the fast networks' quality check (EVAL="[psnr,ssim,lpips]")
 #   ldm_bf16    the same on the latent prior (the UNet and the decoder in bf16, channels_last, compiled)
 #   px_fp32c    the control of px_bf16: FAST (A) against FAST + the UNet compiled in float32 (B), the same random
-#               numbers: how far rounding alone moves the metrics
+#               numbers: how far rounding alone moves the metrics (B without channels_last, as run in session 3)
 #   ldm_fp32c   the same on the latent prior, B with channels_last (the decoder's layout rewrite) as in ldm_bf16's B:
 #               the pair differs from ldm_bf16 in the dtype only
 #   nets_adm    scripts/bench_unet.py, the ffhq256 ADM's UNet at batch 40 (random weights): fp32, bf16, channels_last,
