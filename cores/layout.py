@@ -24,17 +24,28 @@ from diffusers.models.upsampling import Upsample2D
 
 class LayoutGroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` whose output and input gradient have the input's memory layout; computed and returned in
-    float32 at least (as autocast runs ``group_norm``). Same parameters and state_dict."""
+    float32 at least (as autocast runs ``group_norm``). Same parameters and state_dict.
+
+    The statistics come per channel, reductions over the positions only (coalesced in NHWC, where a group's channels
+    are strided), and combine per group by the law of total variance over equal counts: mean_g = mean_c of mean_c,
+    var_g = mean_c of (var_c + (mean_c - mean_g)^2). The normalisation is then one affine map per (image, channel).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:  # (N, C): no positions, no layout to keep
+            return super().forward(x.to(torch.promote_types(x.dtype, torch.float32)))
         h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h.unflatten(1, (self.num_groups, x.shape[1] // self.num_groups))  # a view in NCHW and NHWC
-        var, mean = torch.var_mean(h, dim=tuple(range(2, h.dim())), keepdim=True, correction=0)
-        h = ((h - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
+        var_c, mean_c = torch.var_mean(h, dim=tuple(range(2, h.dim())), keepdim=True, correction=0)
+        mean_c, var_c = (t.unflatten(1, (self.num_groups, -1)) for t in (mean_c, var_c))
+        mean = mean_c.mean(2, keepdim=True)
+        var = (var_c + (mean_c - mean).square()).mean(2, keepdim=True)
+        scale = torch.rsqrt(var + self.eps).expand_as(mean_c).flatten(1, 2)
+        shift = -mean.expand_as(mean_c).flatten(1, 2) * scale
         if self.affine:
             shape = (-1,) + (1,) * (x.dim() - 2)
-            h = h * self.weight.view(shape) + self.bias.view(shape)
-        return h
+            scale = scale * self.weight.view(shape)
+            shift = shift * self.weight.view(shape) + self.bias.view(shape)
+        return h * scale + shift
 
 
 def nearest_2x(x: torch.Tensor) -> torch.Tensor:

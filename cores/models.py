@@ -241,7 +241,8 @@ class VPEpsDenoiser(Denoiser):
 
     ``eps_channels`` keeps the first channels of the output (ADM's learned-sigma nets output 2C).
     ``dtype`` runs the network under autocast on CUDA (bfloat16/float16); the ODE stays in float32.
-    ``channels_last`` stores the weights in NHWC (faster convolutions on tensor cores).
+    ``channels_last`` stores the weights in NHWC (faster convolutions on tensor cores) and keeps the activations NHWC
+    through the group norms and upsamplers (:func:`cores.layout.keep_channels_last`).
     """
 
     def __init__(self, net: torch.nn.Module, timesteps: ScheduleTimesteps | VPTimesteps, shape: Sequence[int],
@@ -250,6 +251,9 @@ class VPEpsDenoiser(Denoiser):
         if dtype not in DTYPES:
             raise ValueError(f"model dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if channels_last:
+            from cores.layout import keep_channels_last
+
+            keep_channels_last(net)
             net = net.to(memory_format=torch.channels_last)
         self.net, self.timesteps = net.eval().requires_grad_(False), timesteps
         self.in_shape = self.image_shape = tuple(int(s) for s in shape)
@@ -454,8 +458,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     ``class_conditional`` ({num_classes, unconditional_class}) the UNet is a UNet2DConditionModel behind
     :class:`ClassConditionalEps`: ``class_label`` (default: the unconditional class) and ``class_labels_file``
     (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors. ``compile``
-    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both (the
-    decoder's group norms and upsamplers then keep NHWC in its backward too: :func:`cores.layout.keep_channels_last`).
+    compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both (their
+    group norms and upsamplers then keep NHWC, the decoder's in its backward too: :func:`cores.layout.keep_channels_last`).
     ``decoder_attention``: 'matmul' runs the decoder's attention as matrix products (:func:`matmul_attention`),
     'sdpa' keeps diffusers' scaled_dot_product_attention (less memory for large batches, slower backward).
     """

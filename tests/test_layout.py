@@ -115,3 +115,25 @@ def test_keep_channels_last_leaves_other_norms_alone():
     net = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.LayerNorm(4), torch.nn.Conv2d(4, 4, 1))
     keep_channels_last(net)
     assert type(net[0]) is LayoutGroupNorm and type(net[1]) is torch.nn.LayerNorm
+
+
+def test_channels_last_unet_keeps_its_output(tmp_path):
+    """An ADM-shaped UNet (resnet up / down sampling, scale-shift norms, attention, as cores.convert builds it) with
+    channels_last gets the layout-keeping norms and upsamplers and denoises as diffusers' modules do (float64)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=4, attention_head_dim=8, resnet_time_scale_shift="scale_shift",
+                downsample_type="resnet", upsample_type="resnet").save_pretrained(tmp_path / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "denoiser.json").write_text('{"kind": "pixel", "image_shape": [3, 8, 8], "eps_channels": 3}')
+    plain = build_model({"name": "diffusers", "path": str(tmp_path)}).double()
+    fast = build_model({"name": "diffusers", "path": str(tmp_path), "channels_last": True}).double()
+    layers = list(fast.net.modules())
+    assert any(type(m) is LayoutGroupNorm for m in layers) and any(type(m) is LayoutUpsample2D for m in layers)
+    assert not any(type(m) is torch.nn.GroupNorm for m in layers)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fast.denoise(x.to(memory_format=CL), 0.7), plain.denoise(x, 0.7))
