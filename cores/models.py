@@ -459,7 +459,8 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
     :class:`ClassConditionalEps`: ``class_label`` (default: the unconditional class) and ``class_labels_file``
     (per-image labels, :func:`read_class_labels`) set its labels; for other models they are errors. ``compile``
     compiles the UNet and the decoder (:meth:`Denoiser.compile_networks`); ``channels_last`` applies to both (their
-    group norms and upsamplers then keep NHWC, the decoder's in its backward too: :func:`cores.layout.keep_channels_last`).
+    group norms and upsamplers then keep NHWC, the decoder's in its backward too:
+    :func:`cores.layout.keep_channels_last`).
     ``decoder_attention``: 'matmul' runs the decoder's attention as matrix products (:func:`matmul_attention`),
     'sdpa' keeps diffusers' scaled_dot_product_attention (less memory for large batches, slower backward).
     """

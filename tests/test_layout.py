@@ -59,6 +59,25 @@ def test_group_norm_of_a_bfloat16_input_is_float32_as_under_autocast():
     torch.testing.assert_close(ours(seq), norm(seq), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 12])
+def test_group_norm_edge_groups_and_shapes_equal_torch(groups):
+    """One group and one channel per group; a transposed 3-D input (diffusers' attention norms a (N, L, C) tensor's
+    transpose) keeps its strides; an (N, C) input has no positions and goes to torch's kernel."""
+    norm, ours = _norms(affine=True, groups=groups)
+    gen = torch.Generator().manual_seed(4)
+    x = 2 * torch.randn(3, 12, 4, 5, dtype=torch.float64, generator=gen) - 1
+    w = torch.randn(3, 12, 4, 5, dtype=torch.float64, generator=gen)
+    y, g = _value_and_grad(norm, x, w)
+    y2, g2 = _value_and_grad(ours, x, w)
+    torch.testing.assert_close(y2, y)
+    torch.testing.assert_close(g2, g)
+    seq = torch.randn(3, 9, 12, dtype=torch.float64, generator=gen).transpose(1, 2)
+    torch.testing.assert_close(ours(seq), norm(seq))
+    assert ours(seq).stride() == seq.stride()
+    flat = torch.randn(3, 12, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(ours(flat), norm(flat))
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
 def test_nearest_2x_equals_interpolate_and_keeps_layout(layout):
     gen = torch.Generator().manual_seed(1)
