@@ -11,7 +11,6 @@ tensors per ms (a lower bound of the traffic). ``--dump DIR`` sets inductor's de
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,20 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cores.layout import LayoutGroupNorm  # noqa: E402
-
-
-def cuda_ms(fn, reps: int = 20) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from scripts.bench_unet import cuda_ms  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +67,7 @@ def main() -> None:
                 return torch.autograd.grad((y * w).sum(), xg)[0]
 
             for label, call, traffic in (("forward", forward, io_bytes), ("fwd+bwd", backward, 3 * io_bytes)):
-                ms = cuda_ms(call)
+                _, ms = cuda_ms(call)
                 out = call().float()
                 diff = (out - reference.setdefault(label, out)).abs().max().item()
                 print(f"| {spec} | {name} | {label} | {ms:.3f} | {traffic / ms / 1e6:.0f} | {diff:.2e} |", flush=True)
