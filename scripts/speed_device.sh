@@ -28,6 +28,8 @@
 #   profile_adm scripts/profile_level.py of level 1 of 3 of adm_base's workload, fp32 eager with generator noise
 #               and with FAST, then FAST once more in a second process (the compile from inductor's on-disk cache)
 #   profile_ldm the same for ldm256_base's workload
+#   gn          scripts/bench_group_norm.py: torch's group norm against cores.layout's in a compiled block, at the
+#               ADM's and the LDM-FFHQ decoder's sizes, forward and forward + backward
 #   startup     where a process's time before the run's clock goes: `python -X importtime` of posterior_sample, and
 #               cProfile of adm_base's B side for one level (STARTUP_EXTRA: more overrides, e.g. the compile)
 #
@@ -92,6 +94,7 @@ nets() {  # nets NAME MODEL BATCH [GFLOP]: scripts/bench_unet.py's variants (NET
 }
 nets nets_adm ffhq256ddpm 40 388
 nets nets_ldm ffhq256ldm 10
+device_run gn gn $PY scripts/bench_group_norm.py
 natural_run() {  # natural_run MODEL SAMPLER_GROUPS IMAGES SAMPLES: the overrides of a 256 px run (random weights)
     echo "+data=demo-natural +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$1 $2 data.end_id=$3 \
 batch_size=$3 num_samples=$4 gpu=$GPU eval_fn_list=[psnr] save_samples=false"
