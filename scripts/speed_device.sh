@@ -30,6 +30,8 @@
 #   profile_ldm the same for ldm256_base's workload
 #   gn          scripts/bench_group_norm.py: torch's group norm against cores.layout's in a compiled block, at the
 #               ADM's and the LDM-FFHQ decoder's sizes, forward and forward + backward
+#   mcmc_update scripts/bench_mcmc_update.py: the damped-HMC step's arithmetic eager against one compiled kernel, at
+#               the ADM's (40 x 3 x 256 x 256) and Fashion-MNIST's (400 x 1 x 32 x 32) sizes
 #   startup     where a process's time before the run's clock goes: `python -X importtime` of posterior_sample, and
 #               cProfile of adm_base's B side for one level (STARTUP_EXTRA: more overrides, e.g. the compile)
 #
@@ -95,6 +97,7 @@ nets() {  # nets NAME MODEL BATCH [GFLOP]: scripts/bench_unet.py's variants (NET
 nets nets_adm ffhq256ddpm 40 388
 nets nets_ldm ffhq256ldm 10
 device_run gn gn $PY scripts/bench_group_norm.py
+device_run mcmc_update mcmc_update $PY scripts/bench_mcmc_update.py
 natural_run() {  # natural_run MODEL SAMPLER_GROUPS IMAGES SAMPLES: the overrides of a 256 px run (random weights)
     echo "+data=demo-natural +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$1 $2 data.end_id=$3 \
 batch_size=$3 num_samples=$4 gpu=$GPU eval_fn_list=[psnr] save_samples=false"
