@@ -36,9 +36,9 @@ class LayoutGroupNorm(torch.nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:  # (N, C): no positions, no layout to keep
-            return super().forward(x.to(torch.promote_types(x.dtype, torch.float32)))
         h = x.to(torch.promote_types(x.dtype, torch.float32))
+        if h.dim() < 3:  # (N, C): no positions, no layout to keep
+            return super().forward(h)
         var_c, mean_c = torch.var_mean(h, dim=tuple(range(2, h.dim())), keepdim=True, correction=0)
         mean_c, var_c = (t.unflatten(1, (self.num_groups, -1)) for t in (mean_c, var_c))
         mean = mean_c.mean(2, keepdim=True)
@@ -83,13 +83,14 @@ class LayoutUpsample2D(Upsample2D):
         return hidden_states
 
 
-def keep_channels_last(network: torch.nn.Module) -> None:
-    """In place: every ``GroupNorm`` of ``network`` becomes a :class:`LayoutGroupNorm` and every diffusers
-    ``Upsample2D`` that interpolates without a norm a :class:`LayoutUpsample2D` (the class swapped: the same
-    parameters, buffers and state_dict keys)."""
+def keep_channels_last(network: torch.nn.Module) -> torch.nn.Module:
+    """In place, and returned: ``network`` with its weights in NHWC (``memory_format=torch.channels_last``), every
+    ``GroupNorm`` a :class:`LayoutGroupNorm` and every diffusers ``Upsample2D`` that interpolates without a norm a
+    :class:`LayoutUpsample2D` (the class swapped: the same parameters, buffers and state_dict keys)."""
     for layer in network.modules():
         if type(layer) is torch.nn.GroupNorm:
             layer.__class__ = LayoutGroupNorm
         elif (type(layer) is Upsample2D and layer.interpolate and not layer.use_conv_transpose
               and layer.norm is None):
             layer.__class__ = LayoutUpsample2D
+    return network.to(memory_format=torch.channels_last)

@@ -253,8 +253,7 @@ class VPEpsDenoiser(Denoiser):
         if channels_last:
             from cores.layout import keep_channels_last
 
-            keep_channels_last(net)
-            net = net.to(memory_format=torch.channels_last)
+            net = keep_channels_last(net)
         self.net, self.timesteps = net.eval().requires_grad_(False), timesteps
         self.in_shape = self.image_shape = tuple(int(s) for s in shape)
         self.eps_channels = eps_channels or self.in_shape[0]
@@ -508,7 +507,6 @@ def diffusers_model(path: str, sigma_mapping: str | None = None, dtype: str = "f
             from cores.layout import keep_channels_last
 
             keep_channels_last(ae.decoder)
-            ae.decoder.to(memory_format=torch.channels_last)
         model = LatentDenoiser(eps_net, ae, meta["image_shape"], meta.get("latent_scale", 1.0), quantize)
     model.compile_networks(compile)
     return model

@@ -132,8 +132,9 @@ def test_channels_last_decoder_keeps_its_image_and_gradient(latent_model_dir):
 
 def test_keep_channels_last_leaves_other_norms_alone():
     net = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.LayerNorm(4), torch.nn.Conv2d(4, 4, 1))
-    keep_channels_last(net)
+    assert keep_channels_last(net) is net
     assert type(net[0]) is LayoutGroupNorm and type(net[1]) is torch.nn.LayerNorm
+    assert net[2].weight.is_contiguous(memory_format=CL)
 
 
 def test_channels_last_unet_keeps_its_output(tmp_path):
