@@ -21,13 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cores.mcmc import Target  # noqa: E402
 from scripts.bench_unet import cuda_ms  # noqa: E402
 
 
 def eager_update(x, v, grad_loss, prior_mean, z, r: float, w: float, m: float, h: float):
-    """The update as DampedHMC.run and Target.grad compute it today (one kernel per operation)."""
-    g = (prior_mean - x) / r**2
-    g = g - w * grad_loss
+    """The update as the sampler runs it today (one kernel per operation): the gradient from cores.mcmc's ``Target``
+    (grad_loss given, as the closed-form operator gradient gives it), then DampedHMC.run's momentum and position."""
+    g, _ = Target(loss=None, data_weight=w, r=r, prior_mean=prior_mean, gradient=lambda _: (grad_loss, None)).grad(x)
     v = m * v + h * g + math.sqrt(2 * (1 - m)) * z
     return x + h * v, v
 
