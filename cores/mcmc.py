@@ -73,7 +73,7 @@ import torch
 
 from cores.noise import ParticleNoise, SharedNoise
 from utils.config import check_keys
-from utils.device import allow_sync, end_step
+from utils.device import allow_sync, end_step, fused
 
 log = logging.getLogger(__name__)
 Noise = ParticleNoise | SharedNoise
@@ -106,13 +106,6 @@ class Target:
     tilt: Any = None
     gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def _prior_grad(self, x: torch.Tensor) -> torch.Tensor:
-        g = (self.prior_mean - x) / self.r**2
-        if self.prior_score is not None:
-            g = g + self.prior_score(x)
-        if self.tilt is not None:
-            g = g + self.tilt.grad(x)
-        return g
 
     def loss_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad L(x), L(x)) per particle."""
@@ -125,9 +118,15 @@ class Target:
         return g, loss.detach()
 
     def grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(grad log pi(x), L(x)) per particle."""
-        g, loss = self.loss_grad(x)
-        return self._prior_grad(x) - self.data_weight * g, loss
+        """(grad log pi(x), L(x)) per particle: :func:`gaussian_log_pi_grad`, plus the prior's score and the tilt's
+        gradient where the target has them."""
+        g_loss, loss = self.loss_grad(x)
+        g = fused(gaussian_log_pi_grad, x.device)(x, self.prior_mean, g_loss, self.r, self.data_weight)
+        if self.prior_score is not None:
+            g = g + self.prior_score(x)
+        if self.tilt is not None:
+            g = g + self.tilt.grad(x)
+        return g, loss
 
     def loss_of(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """L of the particles ``rows`` of the batch ``x``, shape (len(rows),), without gradients: only those rows
@@ -176,6 +175,26 @@ class KernelOutput:
     loss: torch.Tensor
     acceptance: torch.Tensor | None = None
     stage1_acceptance: torch.Tensor | None = None
+
+
+def gaussian_log_pi_grad(x: torch.Tensor, prior_mean: torch.Tensor, loss_grad: torch.Tensor, r: float, w: float
+                         ) -> torch.Tensor:
+    """grad log pi(x) = (prior_mean - x) / r^2 - w grad L(x): the data term and the Gaussian around prior_mean
+    (:class:`Target`), one kernel on CUDA (:func:`utils.device.fused`)."""
+    return (prior_mean - x) / (r * r) - w * loss_grad
+
+
+def langevin_update(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor, lr: float) -> torch.Tensor:
+    """One ULA step x + lr grad log pi + sqrt(2 lr) z (:class:`Langevin`), one kernel on CUDA."""
+    return x + lr * g + math.sqrt(2 * lr) * z
+
+
+def damped_hmc_update(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, z: torch.Tensor, m: float, h: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the official damped 'hmc' (:class:`DampedHMC`): v' = m v + h grad log pi + sqrt(2 (1 - m)) z,
+    x' = x + h v' with h = sqrt(lr); (x', v'), one kernel on CUDA."""
+    v = m * v + h * g + math.sqrt(2 * (1 - m)) * z
+    return x + h * v, v
 
 
 def _sqnorm(v: torch.Tensor) -> torch.Tensor:
@@ -249,10 +268,11 @@ class Langevin(Kernel):
     name = "langevin"
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
+        update = fused(langevin_update, x.device)
         loss = None
         for _ in range(self.num_steps):
             g, loss = target.grad(x)
-            x = x + lr * g + math.sqrt(2 * lr) * noise.randn_like(x)
+            x = update(x, g, noise.randn_like(x), lr)
             end_step(x, loss)
         return KernelOutput(x, loss)
 
@@ -266,13 +286,12 @@ class DampedHMC(Kernel):
     momentum: float = 0.9
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
-        m, h = self.momentum, math.sqrt(lr)
+        update = fused(damped_hmc_update, x.device)
         v = noise.randn_like(x)
         loss = None
         for _ in range(self.num_steps):
             g, loss = target.grad(x)
-            v = m * v + h * g + math.sqrt(2 * (1 - m)) * noise.randn_like(x)
-            x = x + h * v
+            x, v = update(x, v, g, noise.randn_like(x), self.momentum, math.sqrt(lr))
             end_step(x, v, loss)
         return KernelOutput(x, loss)
 

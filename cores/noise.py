@@ -10,13 +10,12 @@ every stream where it was).
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from utils.device import allow_sync, eager_device
+from utils.device import allow_sync, compiled, eager_device
 
 
 def _derived_seed(entropy: int, key: tuple[int, int]) -> int:
@@ -132,23 +131,20 @@ def counter_uniform24(halves: torch.Tensor, count: torch.Tensor, elements: torch
     return ((h >> 8).to(torch.float64) + 0.5) / 2**24
 
 
-def counter_normals(halves: torch.Tensor, count: torch.Tensor, elements: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` standard normals per particle (float64) by Box-Muller from :func:`counter_uniform24` (``elements``: an
-    even number >= n of hashed indices)."""
+def counter_normals(halves: torch.Tensor, count: torch.Tensor, elements: torch.Tensor, n: int,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` standard normals per particle by Box-Muller from :func:`counter_uniform24` (``elements``: an even number
+    >= n of hashed indices), computed in float64 and rounded to ``dtype``.
+
+    ``noise: counter-fused`` runs it compiled (:func:`utils.device.compiled`: one kernel instead of about 40
+    elementwise ones per draw, the rounding included). Its float32 draws equal the eager function's
+    (tests/test_noise.py; the float64 intermediates may differ in the last bit, which the rounding absorbs). Dynamic
+    sizes, so that a prune or a smaller last batch reuses the compile (a static compile took 23 s per particle count
+    on 2 CPU cores, about 15 s on an H100); a draw size of the other parity (odd / even values) compiles once more."""
     u = counter_uniform24(halves, count, elements)
     half = elements.shape[0] // 2
     r, theta = torch.sqrt(-2.0 * torch.log(u[:, :half])), 2.0 * np.pi * u[:, half:]
-    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
-
-
-@lru_cache(maxsize=1)
-def fused_counter_normals() -> Callable[..., torch.Tensor]:
-    """:func:`counter_normals` compiled by ``torch.compile`` (one fused kernel instead of about 40 elementwise ones per
-    draw). Its float32 draws equal the eager function's (tests/test_noise.py; the float64 intermediates may differ in
-    the last bit, which the rounding to float32 absorbs). Compiled once per process with dynamic sizes, so that a
-    prune or a smaller last batch reuses it (a static compile took 23 s per particle count on 2 CPU cores, about 15 s
-    on an H100); a draw size of the other parity (odd / even values) compiles once more."""
-    return torch.compile(counter_normals, dynamic=True)
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n].to(dtype)
 
 
 class CounterNoise(ParticleNoise):
@@ -161,7 +157,7 @@ class CounterNoise(ParticleNoise):
     draw counter c; per element j, u_j = h(h(k1 ^ h(j)) ^ k2) / 2^32 (24 bits, centred in its cell, so never 0 or 1);
     normals by Box-Muller from (u_2m, u_2m+1), with h the lowbias32 mixer (:func:`hash32`). tests/test_noise.py checks
     the moments, normality, uniformity and independence across particles and draws. ``fused`` (``noise:
-    counter-fused``) draws the normals with :func:`fused_counter_normals`: the same numbers, in one kernel.
+    counter-fused``) draws the normals with :func:`counter_normals` compiled: the same numbers, in one kernel.
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu",
@@ -206,8 +202,8 @@ class CounterNoise(ParticleNoise):
         """Standard normal noise of shape (num_particles, *shape)."""
         n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
         count, elements = self._draw(2 * ((n + 1) // 2))
-        normals = fused_counter_normals() if self.fused else counter_normals
-        return normals(self._halves, count, elements, n).to(dtype).reshape(len(self), *shape)
+        normals = compiled(counter_normals) if self.fused else counter_normals
+        return normals(self._halves, count, elements, n, dtype).reshape(len(self), *shape)
 
     def rand(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One uniform number in (0, 1) per particle, shape (num_particles,)."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from cores.fourier import NATIVE_FFT_DEVICES, centred_fft2
+from utils.device import fused
 
 OPERATORS: dict[str, type["Operator"]] = {}
 
@@ -109,13 +110,10 @@ def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tens
     return torch.stack((re * scale, im * scale), -1), (weight * r * r).flatten(1).sum(-1)
 
 
-@lru_cache(maxsize=1)
-def fused_spectral_residual() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`spectral_residual` compiled by ``torch.compile`` with dynamic sizes: one kernel instead of about ten
-    passes over the spectrum, compiled once per process for batches of two or more rows (a batch of one, which dynamic
-    shapes specialise, compiles once more). Used on CUDA only; on the CPU the compile costs the demo and the tests
-    more than it saves (``TORCH_COMPILE_DISABLE=1`` turns it off)."""
-    return torch.compile(spectral_residual, dynamic=True)
+def signed_padding(x: torch.Tensor, sign: torch.Tensor, p: int) -> torch.Tensor:
+    """s u for :meth:`PhaseRetrieval.gradient`: u = pad(x/2 + 1/2) by p per side, times the checkerboard s (given on
+    the image's window: s is +-1 and u is 0 outside it)."""
+    return F.pad((x * 0.5 + 0.5) * sign, (p, p, p, p))
 
 
 _HALF_MEASUREMENTS = WeakTensorKeyDictionary()  # measurement tensor -> (its version, half_measurement's result)
@@ -188,21 +186,22 @@ class PhaseRetrieval(Operator):
         measurement ybar[k] = (y[k] + y[-k]) / 2, L = ||m - ybar||^2 + ||y - ybar||^2 (the cross term cancels between
         k and -k), and r U' / |U'| with r = |U'| - ybar is Hermitian, so Re FFT^-1 is the inverse real FFT of its half
         spectrum: one rfft2 and one irfft2 (half the transform and spectrum work of fft2 / ifft2), the half's columns
-        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). On CUDA the spectrum's elementwise work is one
-        compiled kernel (:func:`fused_spectral_residual`). Odd padded sizes, and devices without torch.fft (XLA), take
-        autograd's gradient."""
+        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). On CUDA the padding and the spectrum's
+        elementwise work are one compiled kernel each (:func:`utils.device.fused`). Odd padded sizes, and devices
+        without torch.fft (XLA), take autograd's gradient."""
         p = self.pad(x.shape[-1])
-        u = F.pad(x * 0.5 + 0.5, (p, p, p, p))
-        if x.device.type not in NATIVE_FFT_DEVICES or u.shape[-2] % 2 or u.shape[-1] % 2:
+        h, w = x.shape[-2] + 2 * p, x.shape[-1] + 2 * p
+        if x.device.type not in NATIVE_FFT_DEVICES or h % 2 or w % 2:
             return super().gradient(x, y)
-        with torch.no_grad():  # one grad mode for every caller, so that the compiled kernel is traced once
-            sign = checkerboard(u.shape[-2], u.shape[-1], u.device, u.dtype)
+        with torch.no_grad():  # one grad mode for every caller, so that the compiled kernels are traced once
+            sign = checkerboard(h, w, x.device, x.dtype)
+            inner = (..., slice(p, p + x.shape[-2]), slice(p, p + x.shape[-1]))
             ybar, weight, offset = half_measurement(y)
-            spec = torch.view_as_real(torch.fft.rfft2(u * sign, norm="ortho"))
-            residual = fused_spectral_residual() if x.device.type == "cuda" else spectral_residual
-            back, loss = residual(spec, ybar, weight)
-            du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=u.shape[-2:], norm="ortho") * sign
-        return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], loss + offset
+            su = fused(signed_padding, x.device)(x, sign[inner], p)
+            spec = torch.view_as_real(torch.fft.rfft2(su, norm="ortho"))
+            back, loss = fused(spectral_residual, x.device)(spec, ybar, weight)
+            du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=(h, w), norm="ortho")
+        return du[inner] * sign[inner], loss + offset
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Log-magnitude spectrum, resized to the image."""

@@ -102,13 +102,11 @@ def eager_compile(monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from cores.noise import fused_counter_normals
-    from cores.operators import fused_spectral_residual
+    from utils.device import compiled
 
     def forget() -> None:  # the process-wide compiled helpers built under this fixture stay with it
         torch._dynamo.reset()
-        fused_counter_normals.cache_clear()
-        fused_spectral_residual.cache_clear()
+        compiled.cache_clear()
 
     plain = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: plain(fn, backend="eager", **kw))

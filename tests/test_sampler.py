@@ -59,6 +59,33 @@ def test_particles_do_not_depend_on_their_batch(pixel, algo):
     assert not torch.allclose(together[0], together[1])
 
 
+@pytest.mark.parametrize("algo", ["hmc", "langevin"])
+def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, eager_compile, monkeypatch):
+    """On CUDA the kernel's update, the posterior gradient and the closed-form gradient's padding and spectrum kernel
+    run compiled (utils.device.fused); forced here on the CPU with dynamo's eager backend: a run of 4 levels (each
+    with its own step size and noise level, floats that dynamo does not specialise) traces each function once, a
+    batch of another size reuses the traces, and the numbers are the eager run's."""
+    import cores.mcmc as mcmc_mod
+    import cores.operators as ops_mod
+    from utils.device import fused
+
+    d, y = pixel
+    s = make(algo)
+    seeds = [particle_seed(42, 0, k) for k in range(4)]  # not 3: dynamo would take the batch for the channels
+    plain = run(d, s, seeds, y).x
+    as_on_cuda = lambda fn, device: fused(fn, torch.device("cuda"))  # noqa: E731
+    monkeypatch.setattr(mcmc_mod, "fused", as_on_cuda)
+    monkeypatch.setattr(ops_mod, "fused", as_on_cuda)
+    got = run(d, s, seeds, y).x
+    graphs = eager_compile["stats"]["unique_graphs"]
+    # padding, spectrum, the kernel's update, and the posterior gradient twice: each level's chain starts at its prior
+    # mean, and dynamo traces the call whose x is prior_mean apart from the others
+    assert graphs == 5, dict(eager_compile["stats"])
+    run(d, s, seeds[:2], y)
+    assert eager_compile["stats"]["unique_graphs"] == graphs
+    assert torch.equal(got, plain)
+
+
 def test_latent_daps_runs_and_decodes(latent_model_dir):
     d = build_model({"name": "diffusers", "path": str(latent_model_dir)})
     s = make(latent=True)

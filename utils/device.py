@@ -11,7 +11,8 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import lru_cache
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -133,6 +134,29 @@ def end_step(*carry: torch.Tensor) -> None:
         import torch_xla
 
         torch_xla._XLAC._xla_sync_multi(list(carry), devices=[], wait=False)
+
+
+@lru_cache(maxsize=None)
+def compiled(fn: Callable) -> Callable:
+    """``fn`` compiled by ``torch.compile`` with dynamic sizes, once per process and function: its elementwise work
+    becomes one kernel (or a few around the library calls it makes, such as FFTs), and neither another batch size
+    nor another float argument (dynamo does not specialise floats) compiles it again."""
+    return torch.compile(fn, dynamic=True)
+
+
+def fused(fn: Callable, device: torch.device) -> Callable:
+    """The arithmetic ``fn`` as the device should run it: on CUDA :func:`compiled` and called without autograd (one
+    grad mode, so one trace, whatever the caller's; these functions compute a sampler's new state, which nothing
+    differentiates); elsewhere ``fn`` itself: on the CPU a compile costs the demo and the tests more than it saves,
+    and torch_xla compiles its own graphs."""
+    if device.type != "cuda":
+        return fn
+    run = compiled(fn)
+
+    def without_grad(*args: Any) -> Any:
+        with torch.no_grad():
+            return run(*args)
+    return without_grad
 
 
 def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
