@@ -92,9 +92,10 @@ def safe_magnitude(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def checkerboard(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(-1)^(m1 + m2) on an h x w grid (the centring of an even-sized DFT as a sign pattern)."""
-    i, j = torch.arange(h), torch.arange(w)
-    return (1 - 2 * ((i[:, None] + j[None, :]) % 2)).to(device, dtype)
+    """(-1)^(m1 + m2) on an h x w grid (the centring of an even-sized DFT as a sign pattern), made on the device (a
+    copy from the host would synchronise a CUDA stream)."""
+    i, j = torch.arange(h, device=device), torch.arange(w, device=device)
+    return (1 - 2 * ((i[:, None] + j[None, :]) % 2)).to(dtype)
 
 
 def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tensor
