@@ -227,7 +227,7 @@ def timestep_map(mapping: str, alphas_cumprod: torch.Tensor | None) -> ScheduleT
     raise ValueError(f"unknown sigma_mapping {mapping!r}: choose one of {', '.join(SIGMA_MAPPINGS)}")
 
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # the model config's ``compile``
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")  # the model config's ``compile``
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
