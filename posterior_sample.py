@@ -202,10 +202,10 @@ class Run:
 
     def warm_up(self) -> None:
         """Compile, before the sampling clock starts, what sampling would otherwise compile inside it, for a full
-        chunk's particles: the networks of a compiled model (``model.compile``), a fused noise draw (``noise:
-        counter-fused``, what ``auto`` is on CUDA) and, on CUDA, the operator's gradient (phase retrieval's fused
-        spectrum kernel). The draw and the gradient kernel have dynamic sizes; the networks compile once more, inside
-        sampling, for a smaller last chunk, a prune or K2's particle count."""
+        chunk's particles: the networks of a compiled model (``model.compile``) and, with a fused noise draw (``noise:
+        counter-fused``, what ``auto`` is on CUDA) or on CUDA, two MCMC steps (:meth:`DAPS.warm_up`: the draw, the
+        operator's gradient and the kernel's fused arithmetic). Those have dynamic sizes; the networks compile once
+        more, inside sampling, for a smaller last chunk, a prune or K2's particle count."""
         if not self.todo:
             return
         parts, dev = self.parts, self.parts.device
@@ -220,16 +220,10 @@ class Run:
         if not (noise.fused or cuda):  # nothing else compiles (XLA would trace a graph that sampling does not reuse)
             return
         start = time.perf_counter()
-        if noise.fused:
-            noise.randn_like(torch.zeros(n, *model.in_shape, device=dev))
-        if cuda:
-            image = torch.zeros(n, *model.image_shape, device=dev)
-            with torch.no_grad():
-                op.gradient(image, op(image))
+        parts.sampler.warm_up(model, op, noise, dev)
         synchronize(dev)
-        log.info("warm-up: %s for %d particles in %.1f s", " and ".join(
-            (["the fused noise draw"] if noise.fused else []) + ([f"the {op.name} gradient"] if cuda else [])),
-            n, time.perf_counter() - start)
+        log.info("warm-up: two MCMC steps (%s, %s noise, the %s gradient) for %d particles in %.1f s",
+                 parts.sampler.kernel.name, self.cfg.noise, op.name, n, time.perf_counter() - start)
 
     def chunks(self) -> Iterator[list]:
         bs = self.cfg.batch_size

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -291,6 +291,19 @@ class DAPS:
                 "ode_solver": self.ode.solver, "ode_sigma_min": self.ode.sigma_min, **self.kernel.describe(),
                 **self.target.describe(), "repulsion": self.repulsion.describe(), "pruning": self.pruning.describe(),
                 "hard_dc": {**self.hard_dc.describe(), **self.hard_dc.settings(self.latent)}, "couples": self.schedule.couples or "none (each particle is independent of its batch)"}
+
+    def warm_up(self, denoiser: Denoiser, operator: Operator, noise: ParticleNoise | SharedNoise,
+                device: torch.device) -> None:
+        """Two MCMC steps of the kernel for ``len(noise)`` particles at zero, under a level's target (the operator's
+        gradient, the prior term, the noise's draws), so that what a level compiles on CUDA (``utils.device.fused``'s
+        kernels, a fused noise draw) compiles here, before the sampling clock; two steps, because the chain's first
+        step, which starts at the prior mean, is traced apart from the others."""
+        op = LatentOperator(operator, denoiser.decode) if self.latent else operator
+        x = torch.zeros(len(noise), *denoiser.in_shape, device=device)
+        y = operator(torch.zeros(len(noise), *denoiser.image_shape, device=device))
+        target = make_target(self.target, denoiser, lambda v: op.loss(v, y), x, x, 1.0,
+                             gradient=lambda v: op.gradient(v, y))
+        replace(self.kernel, num_steps=2).run(target, x, noise, self.kernel.lr)
 
     def initial_state(self, noise: ParticleNoise | SharedNoise, shape: tuple[int, ...], device: torch.device
                       ) -> torch.Tensor:

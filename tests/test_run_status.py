@@ -559,19 +559,31 @@ def test_unwritable_save_dir_is_one_line(tmp_path, monkeypatch):
         run.open()
 
 
-def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog, eager_compile):
+def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog, eager_compile, monkeypatch):
     """A compiled model (model.compile) compiles for a full chunk's particles before the first chunk, outside the
-    sampling clock; an uncompiled one is not called. The fused noise draw is warmed up too, once; generator noise on
-    the CPU has nothing to warm up."""
+    sampling clock; an uncompiled one is not called. Two MCMC steps warm up the rest once: with the fused noise draw
+    and the arithmetic that runs compiled on CUDA (forced here, with dynamo's eager backend), sampling traces nothing
+    more. Generator noise on the CPU has nothing to warm up."""
+    import cores.mcmc as mcmc_mod
+    import cores.operators as ops_mod
+    from utils.device import fused
+
+    as_on_cuda = lambda fn, device: fused(fn, torch.device("cuda"))  # noqa: E731
+    monkeypatch.setattr(mcmc_mod, "fused", as_on_cuda)
+    monkeypatch.setattr(ops_mod, "fused", as_on_cuda)
     parts = build(f"save_dir={tmp_path}", "name=w", "noise=counter-fused")
     calls: list[int] = []
     parts.model.compiled = "default"
     parts.model.warm_up = calls.append
+    traced: list[int] = []
+    real = parts.sampler.warm_up
+    parts.sampler.warm_up = lambda *a: (real(*a), traced.append(eager_compile["stats"]["unique_graphs"]))
     with caplog.at_level(logging.INFO, logger="posterior_sample"):
         assert Run(parts).execute() == 0
     assert calls == [1 * 2]  # one call, batch_size x num_samples of SMALL
     assert "model.compile=default: compiled the networks for 2 particles" in caplog.text
-    assert caplog.text.count("warm-up: the fused noise draw for 2 particles in ") == 1
+    assert caplog.text.count("warm-up: two MCMC steps (") == 1 and "counter-fused noise" in caplog.text
+    assert traced[0] >= 6 and eager_compile["stats"]["unique_graphs"] == traced[0]  # noise, padding, spectrum, ...
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="posterior_sample"):
         assert Run(build(f"save_dir={tmp_path}", "name=g", "noise=generator")).execute() == 0
