@@ -2,7 +2,10 @@
 phase retrieval with its closed-form gradient, ``noise: counter-fused``), and the same level replayed as one CUDA
 graph: whether the level is bound by the host (Python, dispatch and launches) or by the GPU's work.
 
-    python scripts/bench_mcmc_level.py [--shape 40 3 256 256] [--steps 62] [--reps 5]
+    python scripts/bench_mcmc_level.py [--shape 40 3 256 256] [--steps 62] [--reps 5] [--static-kernels]
+
+``--static-kernels`` compiles the fused kernels (``utils.device.compiled``) with torch.compile's default automatic
+dynamic shapes instead of ``dynamic=True``: sizes as constants in the kernels until a second size is seen.
 
 Prints, per level (median of --reps after a warm-up level that compiles the fused kernels): the host's time to
 enqueue the level (until ``run`` returns), the wall time until the GPU has finished it, and the wall time of a replay
@@ -16,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -32,7 +36,14 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=4, default=[40, 3, 256, 256], metavar=("N", "C", "H", "W"))
     ap.add_argument("--steps", type=int, default=62)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--static-kernels", action="store_true")
     args = ap.parse_args()
+    if args.static_kernels:
+        import cores.noise
+        import utils.device
+
+        static = lru_cache(maxsize=None)(torch.compile)
+        utils.device.compiled = cores.noise.compiled = static
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     op = PhaseRetrieval().to(dev)
@@ -71,7 +82,8 @@ def main() -> None:
         torch.cuda.synchronize()
         replay.append(time.perf_counter() - t0)
     n = args.steps
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | shape {args.shape} | {n} steps per level")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | shape {args.shape} | {n} steps per level | "
+          f"kernels compiled {'static' if args.static_kernels else 'dynamic'}")
     print("| | ms per level | ms per step |\n|---|---|---|")
     for name, times in (("host enqueue (eager)", enqueue), ("wall (eager)", wall), ("wall (CUDA graph replay)", replay)):
         ms = statistics.median(times) * 1e3
