@@ -111,10 +111,10 @@ def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tens
     return torch.stack((re * scale, im * scale), -1), (weight * r * r).flatten(1).sum(-1)
 
 
-def signed_padding(x: torch.Tensor, sign: torch.Tensor, p: int) -> torch.Tensor:
-    """s u for :meth:`PhaseRetrieval.gradient`: u = pad(x/2 + 1/2) by p per side, times the checkerboard s (given on
-    the image's window: s is +-1 and u is 0 outside it)."""
-    return F.pad((x * 0.5 + 0.5) * sign, (p, p, p, p))
+def signed_image(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """(x/2 + 1/2) s on the image's window, for :meth:`PhaseRetrieval.gradient`: s u with u the padded x/2 + 1/2 and s
+    the checkerboard is this, padded (s is +-1 and u is 0 outside the window)."""
+    return (x * 0.5 + 0.5) * sign
 
 
 _HALF_MEASUREMENTS = WeakTensorKeyDictionary()  # measurement tensor -> (its version, half_measurement's result)
@@ -187,7 +187,7 @@ class PhaseRetrieval(Operator):
         measurement ybar[k] = (y[k] + y[-k]) / 2, L = ||m - ybar||^2 + ||y - ybar||^2 (the cross term cancels between
         k and -k), and r U' / |U'| with r = |U'| - ybar is Hermitian, so Re FFT^-1 is the inverse real FFT of its half
         spectrum: one rfft2 and one irfft2 (half the transform and spectrum work of fft2 / ifft2), the half's columns
-        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). On CUDA the padding and the spectrum's
+        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). On CUDA the image's and the spectrum's
         elementwise work are one compiled kernel each (:func:`utils.device.fused`). Odd padded sizes, and devices
         without torch.fft (XLA), take autograd's gradient."""
         p = self.pad(x.shape[-1])
@@ -198,7 +198,7 @@ class PhaseRetrieval(Operator):
             sign = checkerboard(h, w, x.device, x.dtype)
             inner = (..., slice(p, p + x.shape[-2]), slice(p, p + x.shape[-1]))
             ybar, weight, offset = half_measurement(y)
-            su = fused(signed_padding, x.device)(x, sign[inner], p)
+            su = F.pad(fused(signed_image, x.device)(x, sign[inner]), (p, p, p, p))
             spec = torch.view_as_real(torch.fft.rfft2(su, norm="ortho"))
             back, loss = fused(spectral_residual, x.device)(spec, ybar, weight)
             du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=(h, w), norm="ortho")

@@ -583,7 +583,7 @@ def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog, eager_co
     assert calls == [1 * 2]  # one call, batch_size x num_samples of SMALL
     assert "model.compile=default: compiled the networks for 2 particles" in caplog.text
     assert caplog.text.count("warm-up: two MCMC steps (") == 1 and "counter-fused noise" in caplog.text
-    assert traced[0] >= 6 and eager_compile["stats"]["unique_graphs"] == traced[0]  # noise, padding, spectrum, ...
+    assert traced[0] >= 6 and eager_compile["stats"]["unique_graphs"] == traced[0]  # noise, signed image, spectrum, ...
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="posterior_sample"):
         assert Run(build(f"save_dir={tmp_path}", "name=g", "noise=generator")).execute() == 0
