@@ -32,6 +32,9 @@
 #               ADM's and the LDM-FFHQ decoder's sizes, forward and forward + backward
 #   mcmc_update scripts/bench_mcmc_update.py: the damped-HMC step's arithmetic eager against one compiled kernel, at
 #               the ADM's (40 x 3 x 256 x 256) and Fashion-MNIST's (400 x 1 x 32 x 32) sizes
+#   mcmc_level  scripts/bench_mcmc_level.py: one MCMC level as the sampler runs it (host enqueue, wall) against its
+#               CUDA-graph replay, at the ADM's (40 x 3 x 256 x 256, 62 hmc steps) and Fashion-MNIST's (400 x 1 x 32 x 32,
+#               100 steps) sizes
 #   startup     where a process's time before the run's clock goes: `python -X importtime` of posterior_sample, and
 #               cProfile of adm_base's B side for one level (STARTUP_EXTRA: more overrides, e.g. the compile)
 #
@@ -98,6 +101,8 @@ nets nets_adm ffhq256ddpm 40 388
 nets nets_ldm ffhq256ldm 10
 device_run gn gn $PY scripts/bench_group_norm.py
 device_run mcmc_update mcmc_update $PY scripts/bench_mcmc_update.py
+device_run mcmc_level mcmc_level_adm $PY scripts/bench_mcmc_level.py
+device_run mcmc_level mcmc_level_fmnist $PY scripts/bench_mcmc_level.py --shape 400 1 32 32 --steps 100
 natural_run() {  # natural_run MODEL SAMPLER_GROUPS IMAGES SAMPLES: the overrides of a 256 px run (random weights)
     echo "+data=demo-natural +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$1 $2 data.end_id=$3 \
 batch_size=$3 num_samples=$4 gpu=$GPU eval_fn_list=[psnr] save_samples=false"
