@@ -106,7 +106,6 @@ class Target:
     tilt: Any = None
     gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
-
     def loss_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad L(x), L(x)) per particle."""
         if self.gradient is not None:

@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cores.mcmc import Target  # noqa: E402
+from cores.mcmc import gaussian_log_pi_grad  # noqa: E402
 from scripts.bench_unet import cuda_ms  # noqa: E402
 
 
 def eager_update(x, v, grad_loss, prior_mean, z, r: float, w: float, m: float, h: float):
-    """The update as the sampler runs it today (one kernel per operation): the gradient from cores.mcmc's ``Target``
-    (grad_loss given, as the closed-form operator gradient gives it), then DampedHMC.run's momentum and position."""
-    g, _ = Target(loss=None, data_weight=w, r=r, prior_mean=prior_mean, gradient=lambda _: (grad_loss, None)).grad(x)
+    """The update eagerly (one kernel per operation): cores.mcmc's posterior gradient called directly (not through
+    ``utils.device.fused``, which compiles it on CUDA), then the damped-HMC momentum and position."""
+    g = gaussian_log_pi_grad(x, prior_mean, grad_loss, r, w)
     v = m * v + h * g + math.sqrt(2 * (1 - m)) * z
     return x + h * v, v
 

@@ -139,8 +139,10 @@ def end_step(*carry: torch.Tensor) -> None:
 @lru_cache(maxsize=None)
 def compiled(fn: Callable) -> Callable:
     """``fn`` compiled by ``torch.compile`` with dynamic sizes, once per process and function: its elementwise work
-    becomes one kernel (or a few around the library calls it makes, such as FFTs), and neither another batch size
-    nor another float argument (dynamo does not specialise floats) compiles it again."""
+    becomes one kernel (or a few around the library calls it makes, such as FFTs), and another float argument does not
+    compile it again (dynamo does not specialise floats), nor does another batch size, except after a first call
+    whose batch was 1 or equal to another of its inputs' sizes (dynamo then specialises it, or takes the two for one
+    size): that function compiles once more."""
     return torch.compile(fn, dynamic=True)
 
 
