@@ -9,7 +9,8 @@ checked before the first sampling step; a finished image's results are on disk b
 chunk starts. The recorded status is the truth: ``complete`` only when every planned image finished,
 ``failed`` (with the error) on an exception, ``interrupted`` on SIGINT / SIGTERM (exit 130 / 143), and
 ``running`` with a heartbeat while it goes on. ``resume=true`` continues an interrupted or failed run in
-its folder: finished images are kept, the chunk in flight continues from its checkpoint (saved after every level),
+its folder: finished images are kept, the chunk in flight continues from its checkpoint (saved after its first level,
+then at most every ``checkpoint_every_sec`` seconds),
 the others are sampled with the same seeds.
 
 Under ``torchrun --nproc_per_node=N`` each rank takes a contiguous slice of the images (seeds depend only
@@ -132,7 +133,8 @@ class Run:
         self.observer = RunObserver(self.events, self.timer, parts.model, parts.sampler.schedule.planned_levels,
                                     root / "trajectory" if self.cfg.save_traj else None, self.cfg.show_progress,
                                     self.results.heartbeat)
-        self.checkpoint = folder.ChunkCheckpoint(root / "checkpoint" / f"chunk{suffix}.pt")
+        self.checkpoint = folder.ChunkCheckpoint(root / "checkpoint" / f"chunk{suffix}.pt",
+                                                 self.cfg.checkpoint_every_sec)
         self.resume_chunk = self.checkpoint.load() if self.resumed is not None else None
         finished = self.results.recorder.finished()
         items = [parts.dataset[i] for i in parts.shard]
@@ -241,7 +243,8 @@ class Run:
 
     def run_chunk(self, items: list) -> None:
         """Sample the particles of ``items`` (num_samples per image together, num_runs times), then score each image.
-        After every level the chunk is checkpointed; a checkpoint of this chunk from an earlier attempt is continued."""
+        The chunk is checkpointed after its first level, then at most every ``checkpoint_every_sec`` seconds; a
+        checkpoint of this chunk from an earlier attempt is continued."""
         parts, cfg, dev = self.parts, self.cfg, self.parts.device
         gt, y = self.measure(items)
         ns, position = cfg.num_samples, {it.index: i for i, it in enumerate(items)}
@@ -265,7 +268,8 @@ class Run:
                 chunk["run"] = run
                 res = parts.sampler.sample(parts.model, parts.operator, particles, callback=self.observer,
                                            progress=self.observer.progress(),
-                                           checkpoint=lambda state: self.checkpoint.save({**chunk, "sample": state}),
+                                           checkpoint=lambda state: self.checkpoint.save_due(
+                                               lambda: {**chunk, "sample": state()}),
                                            resume_from=saved["sample"] if saved and run == saved["run"] else None)
                 self.results.add_sampling(res.used_levels, res.network_evals, res.particle_network_evals,
                                           res.hard_dc_sec)

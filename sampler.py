@@ -14,9 +14,11 @@ at once. The loop keeps no state between calls. It makes one host synchronisatio
 per-particle statistics of the level are copied to the host in one transfer (:func:`level_stats_to_host`),
 handed to the schedule and emitted as a ``level`` event through the one callback.
 
-Checkpoints: with a ``checkpoint`` callback the loop hands it, after each level, everything it needs to go on
-(:func:`loop_state`: host tensors and plain values, for ``torch.save``; one more transfer per level, the particles'
-state); ``sample(..., resume_from=that)`` continues from there, bit for bit as if never stopped (:func:`resume`).
+Checkpoints: with a ``checkpoint`` callback the loop hands it, after each level, a function that returns everything
+it needs to go on (:func:`loop_state`: host tensors and plain values, for ``torch.save``); calling it copies the
+particles' state to the host, one more transfer, so a caller that saves less often than every level (posterior_sample.py:
+``checkpoint_every_sec``) does not pay it at the others; ``sample(..., resume_from=that)`` continues from there, bit
+for bit as if never stopped (:func:`resume`).
 
 The schedule is the preset's (:class:`~cores.scheduler.PresetSchedule`) or, with ``sampler.k2_scheduler_config``,
 K2-DAPS's (:class:`~cores.k2.K2Schedule`: the next level by the conditional ESS; one sigma for the whole batch).
@@ -319,15 +321,17 @@ class DAPS:
         return start_particles(ids, y, group, noise, self.initial_state(noise, shape, device))
 
     def sample(self, denoiser: Denoiser, operator: Operator, particles: Particles, callback: Callback | None = None,
-               progress: Callable[[int], Any] | None = None, checkpoint: Callable[[dict], Any] | None = None,
+               progress: Callable[[int], Any] | None = None,
+               checkpoint: Callable[[Callable[[], dict]], Any] | None = None,
                resume_from: dict[str, Any] | None = None) -> SampleResult:
         """Run the loop for a batch of particles (:func:`start_particles`).
 
         ``callback`` receives typed events: ``phase`` (``phase``: the phase that starts, None at the end) and,
         once per level, ``level`` with the level's host-side statistics (``loss``, ``acceptance``, ``finite``),
         the particles' ``ids`` and the device tensors ``x0hat`` and ``x0y``, followed by the schedule's events of
-        that level (K2: ``k2`` records, ``reheat``). ``checkpoint`` receives :func:`loop_state` after each level; ``resume_from``, one such state of a
-        call with the same ``particles``, continues that call after its level (the result is the same bit for bit).
+        that level (K2: ``k2`` records, ``reheat``). ``checkpoint`` receives after each level a function to call
+        during the callback, which returns :func:`loop_state`; ``resume_from``, one such state of a call with the
+        same ``particles``, continues that call after its level (the result is the same bit for bit).
         """
         self.schedule.check_particles(max(Counter(pid.image for pid in particles.ids).values(), default=0))
         emit = callback or (lambda event: None)
@@ -431,8 +435,8 @@ class DAPS:
                 bar.set_postfix(sigma=f"{sigma:.3g}", loss=f"{min(finite_loss) if finite_loss else math.nan:.3g}")
                 bar.update(1)
             if checkpoint is not None:
-                checkpoint({**loop_state(state, step, next_sigma, status, stopped_at, levels, self.schedule, net),
-                            "found": found.state_dict()})
+                checkpoint(lambda: {**loop_state(state, step, next_sigma, status, stopped_at, levels, self.schedule,
+                                                 net), "found": found.state_dict()})
             sigma, step = next_sigma, step + 1
         if bar is not None:
             bar.close()

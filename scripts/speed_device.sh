@@ -22,6 +22,8 @@
 #   adm_base    DAPS-1K pixel_hmc with the ffhq256 ADM architecture (random weights, scripts/make_random_model.py),
 #               the 10 demo-natural images x num_samples=4 in one batch (the issue's target setting): BASE_CODE
 #               against FAST; about 240 s per baseline run on an H100, so REPEATS=1 fits one device call
+#   ckpt_adm    adm_base's workload, this checkout with FAST on both sides: checkpoint_every_sec=0 (the chunk saved after
+#               every level, as before) (A) against the default interval (B)
 #   ldm256_base LatentDAPS `ldm` with the LDM-FFHQ architecture (random weights), 10 demo-natural images x 1 in one
 #               batch (N_IMAGES and BATCH_SIZE do not apply to these two: their sizes are the issue's; before
 #               session 3, 2 images x 4)
@@ -120,6 +122,12 @@ ADM="+sampler=edm_daps task_group=pixel_hmc +sampler.diffusion_scheduler_config.
 LDM="+sampler=latent_edm_daps task_group=ldm"
 natural adm_base ffhq256ddpm "$ADM" 10 4
 natural ldm256_base ffhq256ldm "$LDM" 10 1
+if device_selected ckpt_adm; then
+    random_model ffhq256ddpm
+    device_run ckpt_adm ckpt_adm $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/ckpt_adm" \
+        --json "$SAVE/ckpt_adm.json" --a "$FAST checkpoint_every_sec=0" --b "$FAST" \
+        --common "$(natural_run ffhq256ddpm "$ADM" 10 4) ${SPEED_OVERRIDES:-}"
+fi
 level_profile() {  # level_profile NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: profile_level.py of level 1 of 3, fp32
     local name=$1 model=$2 run side   # eager with generator noise ("eager"), with FAST ("fast"); PROFILE_SIDES picks
     device_selected "$name" || return 0   # (default both)

@@ -60,7 +60,7 @@ def test_sample_split_at_any_level_equals_a_straight_sample(gmm, schedule):
     s = make(schedule)
     saved, events = [], []
     straight = s.sample(d, PhaseRetrieval(), fresh(d, s, y), callback=events.append,
-                        checkpoint=lambda st: saved.append(round_trip(st)))
+                        checkpoint=lambda st: saved.append(round_trip(st())))
     assert straight.status.count("nonfinite") == 1 and len(saved) == straight.used_levels
     if schedule == "k2":
         assert any(e.get("mode") == "cess" for e in events) and saved[-1]["schedule"]["ema"] is not None
@@ -88,8 +88,32 @@ def test_a_checkpoint_of_other_particles_is_refused(gmm):
     d, y = gmm
     s = make("preset")
     saved = []
-    s.sample(d, PhaseRetrieval(), fresh(d, s, y), checkpoint=saved.append)
+    s.sample(d, PhaseRetrieval(), fresh(d, s, y), checkpoint=lambda st: saved.append(st()))
     other = fresh(d, s, y)
     other.ids[0] = ParticleId(5, 0, 0)
     with pytest.raises(ValueError, match="another batch"):
         s.sample(d, PhaseRetrieval(), other, resume_from=saved[2])
+
+
+def test_the_chunk_checkpoint_is_saved_at_most_every_every_sec(tmp_path, monkeypatch):
+    """``checkpoint_every_sec``: the first level's checkpoint is written, the next ones only once the interval has
+    passed, and the state (the particles' copy to the host) is not even made for the levels in between; 0 saves
+    every level."""
+    import utils.folder as folder
+
+    clock = [100.0]
+    monkeypatch.setattr(folder.time, "monotonic", lambda: clock[0])
+    made = []
+
+    def make(step):
+        return lambda: (made.append(step), {"step": step})[1]
+    every = folder.ChunkCheckpoint(tmp_path / "c" / "chunk.pt", every_sec=30)
+    for step, now in enumerate([100.0, 110.0, 129.9, 130.0, 131.0, 170.0]):
+        clock[0] = now
+        every.save_due(make(step))
+    assert made == [0, 3, 5] and torch.load(every.path, weights_only=True) == {"step": 5}
+    made.clear()
+    always = folder.ChunkCheckpoint(tmp_path / "d" / "chunk.pt")
+    for step in range(3):
+        always.save_due(make(step))
+    assert made == [0, 1, 2]

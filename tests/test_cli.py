@@ -135,6 +135,7 @@ def test_gmm_toy_with_runs_and_heun(tmp_path):
     (["pruning_step=2000"], "pruning.step (pruning_step) must be a DDPM time in [0, 1000] or -1"),
     (["++sampler.repulsion.decay=exp"], "sampler.repulsion.decay must be one of"),
     (["num_samples=0"], "num_samples must be a positive integer"),
+    (["checkpoint_every_sec=-1"], "checkpoint_every_sec must be a number of seconds >= 0 (0: after every level)"),
     (["task.pixel_hmc.operator.sigma=-0.1"], "sigma (the measurement noise std) must be a finite number >= 0"),
     (["+sampler.diffusion_scheduler_config.solver=rk5"], "unknown ODE solver"),
     (["task.pixel_hmc.mcmc_sampler_config.mc_algo=ula"], "unknown mc_algo"),

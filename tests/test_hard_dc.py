@@ -223,9 +223,9 @@ def test_pruning_slices_the_optimiser_state(gmm):
     d, y = gmm
     dc = {**DC, "warm_start": True}
     full, pruned = [], []
-    run(d, make(dc), y, [0, 0, 0, 1, 1, 1], checkpoint=full.append)
+    run(d, make(dc), y, [0, 0, 0, 1, 1, 1], checkpoint=lambda st: full.append(st()))
     events = []
-    run(d, make(dc, pruning={"step": 600, "keep": 2}), y, [0, 0, 0, 1, 1, 1], events, checkpoint=pruned.append)
+    run(d, make(dc, pruning={"step": 600, "keep": 2}), y, [0, 0, 0, 1, 1, 1], events, checkpoint=lambda st: pruned.append(st()))
     (prune,) = [e for e in events if e["event"] == "prune"]
     k = prune["step"]
     survivors = pruned[k]["row"]

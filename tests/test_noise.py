@@ -112,7 +112,7 @@ def test_in_the_loop_results_are_batch_invariant_and_resume_exactly(gmm):
         torch.testing.assert_close(run(d, y, [SEEDS[k]]).x[0], together.x[k], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(together.x, run(d, y, SEEDS[:4], kind="generator").x)  # other numbers than generators
     saved = []
-    straight = run(d, y, SEEDS[:4], checkpoint=saved.append)
+    straight = run(d, y, SEEDS[:4], checkpoint=lambda st: saved.append(st()))
     buf = io.BytesIO()
     torch.save(saved[2], buf)
     buf.seek(0)

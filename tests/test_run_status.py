@@ -315,7 +315,7 @@ def level_steps(events: Path, images: list[int]) -> list[int]:
 
 def test_sigint_mid_chunk_resumes_the_chunk_from_its_last_level(tmp_path):
     """batch_size=2: images 0-1 are one chunk; SIGINT after its 10th level; resume goes on from the checkpoint."""
-    args = [*GROUPS, *SMALL, "batch_size=2", "sampler.annealing_scheduler_config.num_steps=60"]
+    args = [*GROUPS, *SMALL, "batch_size=2", "sampler.annealing_scheduler_config.num_steps=60", "checkpoint_every_sec=0"]
     r = cli([*args, f"save_dir={tmp_path / 'straight'}", "name=r"])
     assert r.returncode == 0, r.stderr[-2000:]
     straight, root = tmp_path / "straight" / "r", tmp_path / "r"
@@ -370,7 +370,7 @@ def test_resume_with_another_batch_size_samples_the_checkpointed_chunk_again(tmp
         return real(self, *args, **kwargs)
     with monkeypatch.context() as patch:
         patch.setattr(DAPS, "sample", sample)
-        assert run_in_process(f"save_dir={tmp_path}", "name=r", "batch_size=2") == 130
+        assert run_in_process(f"save_dir={tmp_path}", "name=r", "batch_size=2", "checkpoint_every_sec=0") == 130
     assert torch.load(tmp_path / "r" / "checkpoint" / "chunk.pt", weights_only=True)["sample"]["step"] == 2
     with caplog.at_level(logging.INFO):
         assert run_in_process(f"save_dir={tmp_path}", "name=r", "batch_size=3", "resume=true") == 0

@@ -8,6 +8,7 @@ are the pure checks of the results folder's name and of a resumed run's config (
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ class UserError(Exception):
 # couples the images of a batch (K2's batch median: RunParts.resume_free_keys). Every other key changes results: a
 # resume with a different value is refused.
 RESUME_FREE_KEYS = ("name", "save_dir", "overwrite", "resume", "show_progress", "save_traj", "gpu", "use_tpu",
-                    "batch_size")
+                    "batch_size", "checkpoint_every_sec")
 
 
 @dataclass
@@ -142,6 +143,9 @@ def check_counts(cfg: DictConfig) -> None:
     for key in ("num_samples", "num_runs", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    every = cfg.get("checkpoint_every_sec", 0)
+    if not isinstance(every, (int, float)) or isinstance(every, bool) or not 0 <= every < math.inf:
+        raise UserError(f"checkpoint_every_sec must be a number of seconds >= 0 (0: after every level), got {every!r}")
     if cfg.noise not in (*NOISE, "auto"):
         raise UserError(f"noise must be auto or one of {', '.join(NOISE)}, got {cfg.noise!r}")
 

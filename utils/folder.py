@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -278,13 +279,23 @@ class SweepFolder(Callback):
 
 
 class ChunkCheckpoint:
-    """The chunk in flight after its last finished level: ``images`` (dataset indices), ``batch_size``, ``world``,
+    """The chunk in flight after a finished level: ``images`` (dataset indices), ``batch_size``, ``world``,
     ``run`` (the run in flight), ``done`` (the finished runs' particles: ``ids``, ``x``, ``status``, ``stopped_at``)
     and ``sample`` (the loop's state, sampler.loop_state). Written with torch.save (tmp + rename: a reader never sees
-    half a file), read with ``weights_only=True``, deleted when the chunk's images are saved."""
+    half a file), read with ``weights_only=True``, deleted when the chunk's images are saved. :meth:`save_due` writes
+    it at most every ``every_sec`` seconds (0: after every level): a save copies the particles to the host and writes
+    them while the GPU waits (32 MB for 40 particles of 3 x 256 x 256)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, every_sec: float = 0.0):
+        self.path, self.every_sec = path, float(every_sec)
+        self.last = -math.inf
+
+    def save_due(self, make: Callable[[], dict[str, Any]]) -> None:
+        """Save ``make()`` if ``every_sec`` seconds have passed since the last save (the first one: always)."""
+        now = time.monotonic()
+        if now - self.last >= self.every_sec:
+            self.save(make())
+            self.last = now
 
     def save(self, chunk: dict[str, Any]) -> None:
         self.path.parent.mkdir(exist_ok=True)
