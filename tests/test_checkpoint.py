@@ -96,8 +96,8 @@ def test_a_checkpoint_of_other_particles_is_refused(gmm):
 
 
 def test_the_chunk_checkpoint_is_saved_at_most_every_every_sec(tmp_path, monkeypatch):
-    """``checkpoint_every_sec``: the first level's checkpoint is written, the next ones only once the interval has
-    passed, and the state (the particles' copy to the host) is not even made for the levels in between; 0 saves
+    """``checkpoint_every_sec``: a chunk's first level's checkpoint is written, the next ones only once the interval
+    has passed, and the state (the particles' copy to the host) is not even made for the levels in between; 0 saves
     every level."""
     import utils.folder as folder
 
@@ -112,6 +112,10 @@ def test_the_chunk_checkpoint_is_saved_at_most_every_every_sec(tmp_path, monkeyp
         clock[0] = now
         every.save_due(make(step))
     assert made == [0, 3, 5] and torch.load(every.path, weights_only=True) == {"step": 5}
+    every.clear()  # the chunk's images are saved: the next chunk's first level is saved at once
+    clock[0] = 171.0
+    every.save_due(make(6))
+    assert made == [0, 3, 5, 6]
     made.clear()
     always = folder.ChunkCheckpoint(tmp_path / "d" / "chunk.pt")
     for step in range(3):

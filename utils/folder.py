@@ -307,6 +307,8 @@ class ChunkCheckpoint:
         return torch.load(self.path, weights_only=True) if self.path.is_file() else None
 
     def clear(self) -> None:
+        """Delete the checkpoint (its chunk's images are saved); the next chunk's first save is due at once."""
+        self.last = -math.inf
         self.path.unlink(missing_ok=True)
         self.path.with_suffix(".tmp").unlink(missing_ok=True)  # left by a save that was interrupted
         try:
