@@ -16,9 +16,9 @@ handed to the schedule and emitted as a ``level`` event through the one callback
 
 Checkpoints: with a ``checkpoint`` callback the loop hands it, after each level, a function that returns everything
 it needs to go on (:func:`loop_state`: host tensors and plain values, for ``torch.save``); calling it copies the
-particles' state to the host, one more transfer, so a caller that saves less often than every level (posterior_sample.py:
-``checkpoint_every_sec``) does not pay it at the others; ``sample(..., resume_from=that)`` continues from there, bit
-for bit as if never stopped (:func:`resume`).
+particles' state to the host, one more transfer, so a caller that saves less often than every level
+(posterior_sample.py: ``checkpoint_every_sec``) does not pay it at the others; ``sample(..., resume_from=that)``
+continues from there, bit for bit as if never stopped (:func:`resume`).
 
 The schedule is the preset's (:class:`~cores.scheduler.PresetSchedule`) or, with ``sampler.k2_scheduler_config``,
 K2-DAPS's (:class:`~cores.k2.K2Schedule`: the next level by the conditional ESS; one sigma for the whole batch).

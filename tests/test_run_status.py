@@ -315,7 +315,8 @@ def level_steps(events: Path, images: list[int]) -> list[int]:
 
 def test_sigint_mid_chunk_resumes_the_chunk_from_its_last_level(tmp_path):
     """batch_size=2: images 0-1 are one chunk; SIGINT after its 10th level; resume goes on from the checkpoint."""
-    args = [*GROUPS, *SMALL, "batch_size=2", "sampler.annealing_scheduler_config.num_steps=60", "checkpoint_every_sec=0"]
+    args = [*GROUPS, *SMALL, "batch_size=2", "sampler.annealing_scheduler_config.num_steps=60",
+            "checkpoint_every_sec=0"]
     r = cli([*args, f"save_dir={tmp_path / 'straight'}", "name=r"])
     assert r.returncode == 0, r.stderr[-2000:]
     straight, root = tmp_path / "straight" / "r", tmp_path / "r"

@@ -61,8 +61,8 @@ def test_particles_do_not_depend_on_their_batch(pixel, algo):
 
 @pytest.mark.parametrize("algo", ["hmc", "langevin"])
 def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, eager_compile, monkeypatch):
-    """On CUDA the kernel's update, the posterior gradient and the closed-form gradient's signed image and spectrum kernel
-    run compiled (utils.device.fused); forced here on the CPU with dynamo's eager backend: a run of 4 levels (each
+    """On CUDA the kernel's update, the posterior gradient and the closed-form gradient's signed image and spectrum
+    kernel run compiled (utils.device.fused); forced here on the CPU with dynamo's eager backend: a run of 4 levels (each
     with its own step size and noise level, floats that dynamo does not specialise) traces each function once, a
     batch of another size reuses the traces, and the numbers are the eager run's."""
     import cores.mcmc as mcmc_mod
@@ -78,8 +78,8 @@ def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, e
     monkeypatch.setattr(ops_mod, "fused", as_on_cuda)
     got = run(d, s, seeds, y).x
     graphs = eager_compile["stats"]["unique_graphs"]
-    # signed image, spectrum, the kernel's update, and the posterior gradient twice: each level's chain starts at its prior
-    # mean, and dynamo traces the call whose x is prior_mean apart from the others
+    # signed image, spectrum, the kernel's update, and the posterior gradient twice: each level's chain starts at its
+    # prior mean, and dynamo traces the call whose x is prior_mean apart from the others
     assert graphs == 5, dict(eager_compile["stats"])
     run(d, s, seeds[:2], y)
     assert eager_compile["stats"]["unique_graphs"] == graphs
