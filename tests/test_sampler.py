@@ -62,9 +62,9 @@ def test_particles_do_not_depend_on_their_batch(pixel, algo):
 @pytest.mark.parametrize("algo", ["hmc", "langevin"])
 def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, eager_compile, monkeypatch):
     """On CUDA the kernel's update, the posterior gradient and the closed-form gradient's signed image and spectrum
-    kernel run compiled (utils.device.fused); forced here on the CPU with dynamo's eager backend: a run of 4 levels (each
-    with its own step size and noise level, floats that dynamo does not specialise) traces each function once, a
-    batch of another size reuses the traces, and the numbers are the eager run's."""
+    kernel run compiled (utils.device.fused); forced here on the CPU with dynamo's eager backend: a run of 4 levels
+    (each with its own step size and noise level, floats that dynamo does not specialise) traces each function once,
+    a batch of another size reuses the traces, and the numbers are the eager run's."""
     import cores.mcmc as mcmc_mod
     import cores.operators as ops_mod
     from utils.device import fused
