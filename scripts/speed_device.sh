@@ -32,8 +32,6 @@
 #   profile_ldm the same for ldm256_base's workload
 #   gn          scripts/bench_group_norm.py: torch's group norm against cores.layout's in a compiled block, at the
 #               ADM's and the LDM-FFHQ decoder's sizes, forward and forward + backward
-#   mcmc_update scripts/bench_mcmc_update.py: the damped-HMC step's arithmetic eager against one compiled kernel, at
-#               the ADM's (40 x 3 x 256 x 256) and Fashion-MNIST's (400 x 1 x 32 x 32) sizes
 #   mcmc_level  scripts/bench_mcmc_level.py: one MCMC level as the sampler runs it (host enqueue, wall) against its
 #               CUDA-graph replay, at the ADM's (40 x 3 x 256 x 256, 62 hmc steps) and Fashion-MNIST's (400 x 1 x 32 x 32,
 #               100 steps) sizes
@@ -102,7 +100,6 @@ nets() {  # nets NAME MODEL BATCH [GFLOP]: scripts/bench_unet.py's variants (NET
 nets nets_adm ffhq256ddpm 40 388
 nets nets_ldm ffhq256ldm 10
 device_run gn gn $PY scripts/bench_group_norm.py
-device_run mcmc_update mcmc_update $PY scripts/bench_mcmc_update.py
 device_run mcmc_level mcmc_level_adm $PY scripts/bench_mcmc_level.py
 device_run mcmc_level mcmc_level_fmnist $PY scripts/bench_mcmc_level.py --shape 400 1 32 32 --steps 100
 natural_run() {  # natural_run MODEL SAMPLER_GROUPS IMAGES SAMPLES: the overrides of a 256 px run (random weights)
