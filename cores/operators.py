@@ -195,14 +195,13 @@ class PhaseRetrieval(Operator):
         if x.device.type not in NATIVE_FFT_DEVICES or h % 2 or w % 2:
             return super().gradient(x, y)
         with torch.no_grad():  # one grad mode for every caller, so that the compiled kernels are traced once
-            sign = checkerboard(h, w, x.device, x.dtype)
-            inner = (..., slice(p, p + x.shape[-2]), slice(p, p + x.shape[-1]))
+            sign = checkerboard(x.shape[-2], x.shape[-1], x.device, x.dtype)  # s on the window: its shift 2p is even
             ybar, weight, offset = half_measurement(y)
-            su = F.pad(fused(signed_image, x.device)(x, sign[inner]), (p, p, p, p))
+            su = F.pad(fused(signed_image, x.device)(x, sign), (p, p, p, p))
             spec = torch.view_as_real(torch.fft.rfft2(su, norm="ortho"))
             back, loss = fused(spectral_residual, x.device)(spec, ybar, weight)
             du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=(h, w), norm="ortho")
-        return du[inner] * sign[inner], loss + offset
+        return du[..., p:p + x.shape[-2], p:p + x.shape[-1]] * sign, loss + offset
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Log-magnitude spectrum, resized to the image."""
