@@ -294,13 +294,17 @@ class DAPS:
                 **self.target.describe(), "repulsion": self.repulsion.describe(), "pruning": self.pruning.describe(),
                 "hard_dc": {**self.hard_dc.describe(), **self.hard_dc.settings(self.latent)}, "couples": self.schedule.couples or "none (each particle is independent of its batch)"}
 
+    def level_operator(self, operator: Operator, denoiser: Denoiser) -> Operator:
+        """The operator the MCMC sees: ``operator`` itself, or for LatentDAPS ``operator`` after the decoder."""
+        return LatentOperator(operator, denoiser.decode) if self.latent else operator
+
     def warm_up(self, denoiser: Denoiser, operator: Operator, noise: ParticleNoise | SharedNoise,
                 device: torch.device) -> None:
         """Two MCMC steps of the kernel for ``len(noise)`` particles at zero, under a level's target (the operator's
         gradient, the prior term, the noise's draws), so that what a level compiles on CUDA (``utils.device.fused``'s
         kernels, a fused noise draw) compiles here, before the sampling clock; two steps, because the chain's first
         step, which starts at the prior mean, is traced apart from the others."""
-        op = LatentOperator(operator, denoiser.decode) if self.latent else operator
+        op = self.level_operator(operator, denoiser)
         x = torch.zeros(len(noise), *denoiser.in_shape, device=device)
         y = operator(torch.zeros(len(noise), *denoiser.image_shape, device=device))
         target = make_target(self.target, denoiser, lambda v: op.loss(v, y), x, x, 1.0,
@@ -336,7 +340,7 @@ class DAPS:
         self.schedule.check_particles(max(Counter(pid.image for pid in particles.ids).values(), default=0))
         emit = callback or (lambda event: None)
         net = CountingDenoiser(denoiser)
-        op = LatentOperator(operator, denoiser.decode) if self.latent else operator
+        op = self.level_operator(operator, denoiser)
         state, total = particles, len(particles)
         status, stopped_at = ["ok"] * total, [None] * total
         levels: list[float] = []
