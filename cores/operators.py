@@ -98,17 +98,19 @@ def checkerboard(h: int, w: int, device: torch.device, dtype: torch.dtype) -> to
     return (1 - 2 * ((i[:, None] + j[None, :]) % 2)).to(dtype)
 
 
-def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tensor
+def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tensor, c: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spectrum side of :meth:`PhaseRetrieval.gradient`: from a half spectrum U (``torch.view_as_real``, last
-    dimension (re, im)) and the symmetrised measurement ybar on it, the back-projection r U / |U| with r = |U| - ybar
-    (0 where U = 0) in the same layout, and sum_k weight_k r_k^2 per row."""
+    """The spectrum side of :meth:`PhaseRetrieval.gradient`: from an unnormalised half spectrum S
+    (``torch.view_as_real``, last dimension (re, im)) of the orthonormal U = c S, and the symmetrised measurement ybar
+    on it, the back-projection c r S / |S| = c r U / |U| with r = |U| - ybar (0 where U = 0) in the same layout (the
+    input of an unnormalised inverse transform whose result is the orthonormal inverse of r U / |U|), and
+    sum_k weight_k r_k^2 per row (summed along the rows' last axis first: many short sums, then one per row)."""
     re, im = spec.unbind(-1)
     sq = re * re + im * im
     mag = torch.sqrt(sq)
-    r = mag - ybar
-    scale = torch.where(sq > 0, r / torch.where(sq > 0, mag, torch.ones_like(mag)), torch.zeros_like(mag))
-    return torch.stack((re * scale, im * scale), -1), (weight * r * r).flatten(1).sum(-1)
+    r = c * mag - ybar
+    scale = torch.where(sq > 0, c * r / torch.where(sq > 0, mag, torch.ones_like(mag)), torch.zeros_like(mag))
+    return torch.stack((re * scale, im * scale), -1), (weight * r * r).sum(-1).flatten(1).sum(-1)
 
 
 def signed_image(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -187,7 +189,9 @@ class PhaseRetrieval(Operator):
         measurement ybar[k] = (y[k] + y[-k]) / 2, L = ||m - ybar||^2 + ||y - ybar||^2 (the cross term cancels between
         k and -k), and r U' / |U'| with r = |U'| - ybar is Hermitian, so Re FFT^-1 is the inverse real FFT of its half
         spectrum: one rfft2 and one irfft2 (half the transform and spectrum work of fft2 / ifft2), the half's columns
-        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). On CUDA the image's and the spectrum's
+        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). Both transforms run unnormalised (torch
+        scales an orthonormal transform's result in a pass of its own) and the spectrum's kernel applies the
+        orthonormal scale (:func:`spectral_residual`). On CUDA the image's and the spectrum's
         elementwise work are one compiled kernel each (:func:`utils.device.fused`). Odd padded sizes, and devices
         without torch.fft (XLA), take autograd's gradient."""
         p = self.pad(x.shape[-1])
@@ -198,9 +202,9 @@ class PhaseRetrieval(Operator):
             sign = checkerboard(x.shape[-2], x.shape[-1], x.device, x.dtype)  # s on the window: its shift 2p is even
             ybar, weight, offset = half_measurement(y)
             su = F.pad(fused(signed_image, x.device)(x, sign), (p, p, p, p))
-            spec = torch.view_as_real(torch.fft.rfft2(su, norm="ortho"))
-            back, loss = fused(spectral_residual, x.device)(spec, ybar, weight)
-            du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=(h, w), norm="ortho")
+            spec = torch.view_as_real(torch.fft.rfft2(su, norm="backward"))  # unscaled: no pass over the result
+            back, loss = fused(spectral_residual, x.device)(spec, ybar, weight, 1.0 / math.sqrt(h * w))
+            du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=(h, w), norm="forward")  # unscaled
         return du[..., p:p + x.shape[-2], p:p + x.shape[-1]] * sign, loss + offset
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -2,10 +2,13 @@
 phase retrieval with its closed-form gradient, ``noise: counter-fused``), and the same level replayed as one CUDA
 graph: whether the level is bound by the host (Python, dispatch and launches) or by the GPU's work.
 
-    python scripts/bench_mcmc_level.py [--shape 40 3 256 256] [--steps 62] [--reps 5] [--static-kernels]
+    python scripts/bench_mcmc_level.py [--shape 40 3 256 256] [--steps 62] [--reps 5] [--static-kernels] [--profile]
 
 ``--static-kernels`` compiles the fused kernels (``utils.device.compiled``) with torch.compile's default automatic
 dynamic shapes instead of ``dynamic=True``: sizes as constants in the kernels until a second size is seen.
+
+``--profile`` also prints torch.profiler's table of one more eager level by GPU time (top 25): which kernels a
+step runs, and how long each takes.
 
 Prints, per level (median of --reps after a warm-up level that compiles the fused kernels): the host's time to
 enqueue the level (until ``run`` returns), the wall time until the GPU has finished it, and the wall time of a replay
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=62)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--static-kernels", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if args.static_kernels:
         import cores.noise
@@ -88,6 +92,12 @@ def main() -> None:
     for name, times in (("host enqueue (eager)", enqueue), ("wall (eager)", wall), ("wall (CUDA graph replay)", replay)):
         ms = statistics.median(times) * 1e3
         print(f"| {name} | {ms:.2f} | {ms / n:.3f} |")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            level()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":

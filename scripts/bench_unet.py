@@ -4,9 +4,10 @@ PF-ODE, no grad) and, for latent models, the decoder's forward and backward (eve
     python scripts/bench_unet.py --model checkpoints/random/ffhq256ddpm [--batch 10 40] [--gflop 388] [--variants ...]
 
 Variants (``--variants``, default all, run in this order): fp32, fp32+bench, bf16, bf16+cl+bench, compile+bench,
-compile+bf16, compile+bf16+cl, compile+bf16+cl+bench, where ``bf16`` is the model's ``dtype: bfloat16`` (autocast),
+compile+bf16, compile+bf16+cl, compile+bf16+cl+bench, autotune+bf16+cl, where ``bf16`` is the model's ``dtype: bfloat16`` (autocast),
 ``cl`` its ``channels_last``, ``bench`` ``torch.backends.cudnn.benchmark`` (the sampler leaves it off) and
-``compile`` the model's ``compile: default``.
+``compile`` the model's ``compile: default`` and ``autotune`` its ``compile: max-autotune-no-cudagraphs`` (inductor
+times Triton templates against cuBLAS / cuDNN for each convolution and matrix product: a compile of minutes).
 cuDNN keeps the plans it chose for the process, so a variant without ``bench`` after one with it may reuse benchmarked
 plans: each no-bench variant comes before its bench twin (or run one variant per process).
 Prints the median milliseconds per batch and per image over 20 timed calls (CUDA events, after 5 warm-ups; a
@@ -44,6 +45,7 @@ VARIANTS = {  # name: (model options, cudnn.benchmark)
     "compile+bf16": ({"dtype": "bfloat16", "compile": "default"}, False),
     "compile+bf16+cl": ({"dtype": "bfloat16", "channels_last": True, "compile": "default"}, False),
     "compile+bf16+cl+bench": ({"dtype": "bfloat16", "channels_last": True, "compile": "default"}, True),
+    "autotune+bf16+cl": ({"dtype": "bfloat16", "channels_last": True, "compile": "max-autotune-no-cudagraphs"}, False),
 }
 
 
