@@ -86,6 +86,26 @@ def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, e
     assert torch.equal(got, plain)
 
 
+@pytest.mark.parametrize("algo", ["hmc", "mala"])
+def test_warm_up_traces_what_sampling_traces(pixel, algo, eager_compile, monkeypatch):
+    """What tests/test_gpu.py's sync check needs on CUDA, forced here on the CPU as in the test above: after
+    ``DAPS.warm_up`` (two MCMC steps at zero, r = 1), sampling traces no fused function again (a trace inside the loop
+    compiles there, which synchronises the GPU and costs the sampling clock)."""
+    import cores.mcmc as mcmc_mod
+    import cores.operators as ops_mod
+    from utils.device import fused
+
+    d, y = pixel
+    s = make(algo)
+    as_on_cuda = lambda fn, device: fused(fn, torch.device("cuda"))  # noqa: E731
+    monkeypatch.setattr(mcmc_mod, "fused", as_on_cuda)
+    monkeypatch.setattr(ops_mod, "fused", as_on_cuda)
+    s.warm_up(d, PhaseRetrieval(), ParticleNoise([5, 6, 7, 8]), torch.device("cpu"))
+    graphs = dict(eager_compile["stats"])
+    run(d, s, [particle_seed(42, 0, k) for k in range(4)], y)
+    assert dict(eager_compile["stats"]) == graphs
+
+
 def test_latent_daps_runs_and_decodes(latent_model_dir):
     d = build_model({"name": "diffusers", "path": str(latent_model_dir)})
     s = make(latent=True)
