@@ -114,3 +114,20 @@ def eager_compile(monkeypatch):
     counters.clear()
     yield counters
     forget()
+
+
+@pytest.fixture
+def compile_fused_as_on_cuda(eager_compile, monkeypatch):
+    """A function that makes the sampler's fused arithmetic (``utils.device.fused`` in cores.mcmc and
+    cores.operators) compile on the CPU as it does on CUDA, with :func:`eager_compile`'s backend; it returns the
+    dynamo counters."""
+    import cores.mcmc
+    import cores.operators
+    from utils.device import fused
+
+    def force():
+        as_on_cuda = lambda fn, device: fused(fn, torch.device("cuda"))  # noqa: E731
+        monkeypatch.setattr(cores.mcmc, "fused", as_on_cuda)
+        monkeypatch.setattr(cores.operators, "fused", as_on_cuda)
+        return eager_compile
+    return force

@@ -560,18 +560,12 @@ def test_unwritable_save_dir_is_one_line(tmp_path, monkeypatch):
         run.open()
 
 
-def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog, eager_compile, monkeypatch):
+def test_compiled_model_warms_up_once_before_sampling(tmp_path, caplog, compile_fused_as_on_cuda):
     """A compiled model (model.compile) compiles for a full chunk's particles before the first chunk, outside the
     sampling clock; an uncompiled one is not called. Two MCMC steps warm up the rest once: with the fused noise draw
     and the arithmetic that runs compiled on CUDA (forced here, with dynamo's eager backend), sampling traces nothing
     more. Generator noise on the CPU has nothing to warm up."""
-    import cores.mcmc as mcmc_mod
-    import cores.operators as ops_mod
-    from utils.device import fused
-
-    as_on_cuda = lambda fn, device: fused(fn, torch.device("cuda"))  # noqa: E731
-    monkeypatch.setattr(mcmc_mod, "fused", as_on_cuda)
-    monkeypatch.setattr(ops_mod, "fused", as_on_cuda)
+    eager_compile = compile_fused_as_on_cuda()
     parts = build(f"save_dir={tmp_path}", "name=w", "noise=counter-fused")
     calls: list[int] = []
     parts.model.compiled = "default"

@@ -60,22 +60,16 @@ def test_particles_do_not_depend_on_their_batch(pixel, algo):
 
 
 @pytest.mark.parametrize("algo", ["hmc", "langevin"])
-def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, eager_compile, monkeypatch):
+def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, compile_fused_as_on_cuda):
     """On CUDA the kernel's update, the posterior gradient and the closed-form gradient's signed image and spectrum
     kernel run compiled (utils.device.fused); forced here on the CPU with dynamo's eager backend: a run of 4 levels
     (each with its own step size and noise level, floats that dynamo does not specialise) traces each function once,
     a batch of another size reuses the traces, and the numbers are the eager run's."""
-    import cores.mcmc as mcmc_mod
-    import cores.operators as ops_mod
-    from utils.device import fused
-
     d, y = pixel
     s = make(algo)
     seeds = [particle_seed(42, 0, k) for k in range(4)]  # not 3: dynamo would take the batch for the channels
     plain = run(d, s, seeds, y).x
-    as_on_cuda = lambda fn, device: fused(fn, torch.device("cuda"))  # noqa: E731
-    monkeypatch.setattr(mcmc_mod, "fused", as_on_cuda)
-    monkeypatch.setattr(ops_mod, "fused", as_on_cuda)
+    eager_compile = compile_fused_as_on_cuda()
     got = run(d, s, seeds, y).x
     graphs = eager_compile["stats"]["unique_graphs"]
     # signed image, spectrum, the kernel's update, and the posterior gradient twice: each level's chain starts at its
@@ -87,19 +81,13 @@ def test_fused_arithmetic_traces_once_and_gives_the_eager_numbers(pixel, algo, e
 
 
 @pytest.mark.parametrize("algo", ["hmc", "mala"])
-def test_warm_up_traces_what_sampling_traces(pixel, algo, eager_compile, monkeypatch):
+def test_warm_up_traces_what_sampling_traces(pixel, algo, compile_fused_as_on_cuda):
     """What tests/test_gpu.py's sync check needs on CUDA, forced here on the CPU as in the test above: after
     ``DAPS.warm_up`` (two MCMC steps at zero, r = 1), sampling traces no fused function again (a trace inside the loop
     compiles there, which synchronises the GPU and costs the sampling clock)."""
-    import cores.mcmc as mcmc_mod
-    import cores.operators as ops_mod
-    from utils.device import fused
-
     d, y = pixel
     s = make(algo)
-    as_on_cuda = lambda fn, device: fused(fn, torch.device("cuda"))  # noqa: E731
-    monkeypatch.setattr(mcmc_mod, "fused", as_on_cuda)
-    monkeypatch.setattr(ops_mod, "fused", as_on_cuda)
+    eager_compile = compile_fused_as_on_cuda()
     s.warm_up(d, PhaseRetrieval(), ParticleNoise([5, 6, 7, 8]), torch.device("cpu"))
     graphs = dict(eager_compile["stats"])
     run(d, s, [particle_seed(42, 0, k) for k in range(4)], y)
