@@ -29,6 +29,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -308,7 +309,7 @@ class DAPS:
         x = torch.zeros(len(noise), *denoiser.in_shape, device=device)
         y = operator(torch.zeros(len(noise), *denoiser.image_shape, device=device))
         target = make_target(self.target, denoiser, lambda v: op.loss(v, y), x, x, 1.0,
-                             gradient=lambda v: op.gradient(v, y))
+                             gradient=partial(op.gradient, y=y))
         replace(self.kernel, num_steps=2).run(target, x, noise, self.kernel.lr)
 
     def initial_state(self, noise: ParticleNoise | SharedNoise, shape: tuple[int, ...], device: torch.device
@@ -382,7 +383,7 @@ class DAPS:
             tilt = ratio = None
             if gamma > 0:
                 tilt, ratio = level_tilt(self.repulsion, gamma, x0hat.detach(), state.group, loss, self.target.data_weight)
-            gradient = lambda x, yy=state.y: op.gradient(x, yy)  # noqa: E731  (closed form where the operator has one)
+            gradient = partial(op.gradient, y=state.y)  # the closed form where the operator has one
             target = make_target(self.target, net, loss, state.x, x0hat, sigma, tilt=tilt, loss_rows=loss_rows,
                                  gradient=gradient)
             out = self.kernel.run(target, x0hat, state.noise, self.kernel.lr_at(self.schedule.progress(step, sigma)))

@@ -91,8 +91,9 @@ class Target:
     da_hmc's surrogate (which keeps the prior part exact) see it. ``anchor`` is the level's x0hat, where da_hmc
     linearises L (eq. DA0); ``loss_rows(x_rows, rows)``, when given,
     is the loss of the particles ``rows`` (a long tensor of batch indices) at their states ``x_rows``, so that
-    da_hmc evaluates only the proposals that passed its first test (:meth:`loss_of`). ``gradient(x)``, when given,
-    returns (grad L(x), L(x)) in one call (the operator's closed form: ``Operator.gradient``) instead of autograd.
+    da_hmc evaluates only the proposals that passed its first test (:meth:`loss_of`). ``gradient(x, with_loss)``, when
+    given, returns (grad L(x), L(x)) in one call (the operator's closed form: ``Operator.gradient``) instead of
+    autograd, with None for L(x) where ``with_loss`` is False and the operator can skip it.
     """
 
     loss: Callable[[torch.Tensor], torch.Tensor]
@@ -104,22 +105,22 @@ class Target:
     anchor: torch.Tensor | None = None
     loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     tilt: Any = None
-    gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    gradient: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
-    def loss_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(grad L(x), L(x)) per particle."""
+    def loss_grad(self, x: torch.Tensor, with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(grad L(x), L(x)) per particle; L(x) may be None where ``with_loss`` is False (:attr:`gradient`)."""
         if self.gradient is not None:
-            return self.gradient(x)
+            return self.gradient(x, with_loss=with_loss)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             loss = self.loss(xg)
             (g,) = torch.autograd.grad(loss.sum(), xg)
         return g, loss.detach()
 
-    def grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def grad(self, x: torch.Tensor, with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(grad log pi(x), L(x)) per particle: :func:`gaussian_log_pi_grad`, plus the prior's score and the tilt's
-        gradient where the target has them."""
-        g_loss, loss = self.loss_grad(x)
+        gradient where the target has them; ``with_loss=False``: L(x) may be None (:meth:`loss_grad`)."""
+        g_loss, loss = self.loss_grad(x, with_loss)
         g = fused(gaussian_log_pi_grad, x.device)(x, self.prior_mean, g_loss, self.r, self.data_weight)
         if self.prior_score is not None:
             g = g + self.prior_score(x)
@@ -269,8 +270,8 @@ class Langevin(Kernel):
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         update = fused(langevin_update, x.device)
         loss = None
-        for _ in range(self.num_steps):
-            g, loss = target.grad(x)
+        for i in range(self.num_steps):
+            g, loss = target.grad(x, with_loss=i == self.num_steps - 1)  # the level reports the last step's loss
             x = update(x, g, noise.randn_like(x), lr)
             end_step(x, loss)
         return KernelOutput(x, loss)
@@ -288,8 +289,8 @@ class DampedHMC(Kernel):
         update = fused(damped_hmc_update, x.device)
         v = noise.randn_like(x)
         loss = None
-        for _ in range(self.num_steps):
-            g, loss = target.grad(x)
+        for i in range(self.num_steps):
+            g, loss = target.grad(x, with_loss=i == self.num_steps - 1)  # the level reports the last step's loss
             x, v = update(x, v, g, noise.randn_like(x), self.momentum, math.sqrt(lr))
             end_step(x, v, loss)
         return KernelOutput(x, loss)
@@ -483,7 +484,7 @@ class TargetSpec:
 def make_target(cfg: MCMCConfig | TargetSpec, denoiser: Any, loss: Callable[[torch.Tensor], torch.Tensor], xt: torch.Tensor,
                 x0hat: torch.Tensor, sigma: float,
                 loss_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, tilt: Any = None,
-                gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Target:
+                gradient: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> Target:
     """The level's target pi for the configured prior solver (r = sigma_t, as the official DAPS), anchored at x0hat
     (da_hmc's linearisation point); ``loss_rows``, ``tilt`` (the repulsion) and ``gradient`` as in :class:`Target`."""
     w, r = cfg.data_weight, sigma

@@ -121,27 +121,30 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform24(halves: torch.Tensor, count: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
+def counter_uniform(halves: torch.Tensor, count: torch.Tensor, elements: torch.Tensor,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The draw of :class:`CounterNoise` for every particle at once: per particle (rows of ``halves``, the seeds'
     32-bit halves, and ``count``, the draw counters) one uniform in (0, 1) per entry of ``elements`` (the hashed
-    element indices h(j)), as float64 holding 24-bit values."""
+    element indices h(j)): 23-bit values centred in their cells, (k + 1/2) / 2^23, exact in float32 and float64."""
     k1 = hash32(halves[:, 0] ^ hash32(count))
     k2 = hash32(halves[:, 1] ^ hash32(k1))
     h = hash32(hash32(k1[:, None] ^ elements[None, :]) ^ k2[:, None])
-    return ((h >> 8).to(torch.float64) + 0.5) / 2**24
+    return ((h >> 9).to(dtype) + 0.5) / 2**23
 
 
 def counter_normals(halves: torch.Tensor, count: torch.Tensor, elements: torch.Tensor, n: int,
                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``n`` standard normals per particle by Box-Muller from :func:`counter_uniform24` (``elements``: an even number
-    >= n of hashed indices), computed in float64 and rounded to ``dtype``.
+    """``n`` standard normals per particle by Box-Muller from :func:`counter_uniform` (``elements``: an even number
+    >= n of hashed indices), computed in float64 for float64 draws and in float32 otherwise (on an H100, float64's
+    logarithm and sines made the fused draw of 40 x 3 x 256 x 256 normals about twice as slow), then cast to ``dtype``.
+    The largest |z| is sqrt(2 ln 2^24) = 5.77.
 
     ``noise: counter-fused`` runs it compiled (:func:`utils.device.compiled`: one kernel instead of about 40
-    elementwise ones per draw, the rounding included). Its float32 draws equal the eager function's
-    (tests/test_noise.py; the float64 intermediates may differ in the last bit, which the rounding absorbs). Dynamic
+    elementwise ones per draw). Its draws agree with the eager function's to the last bits of float32 (the uniforms
+    are the same; the compiled logarithm and sines may round differently: tests/test_noise.py). Dynamic
     sizes, so that a prune or a smaller last batch reuses the compile (a static compile took 23 s per particle count
     on 2 CPU cores, about 15 s on an H100); a draw size of the other parity (odd / even values) compiles once more."""
-    u = counter_uniform24(halves, count, elements)
+    u = counter_uniform(halves, count, elements, torch.float64 if dtype == torch.float64 else torch.float32)
     half = elements.shape[0] // 2
     r, theta = torch.sqrt(-2.0 * torch.log(u[:, :half])), 2.0 * np.pi * u[:, half:]
     return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n].to(dtype)
@@ -154,10 +157,11 @@ class CounterNoise(ParticleNoise):
     made, so its results do not depend on its batch; the numbers differ from ParticleNoise's.
 
     Per draw: per particle two 32-bit keys k1 = h(s_lo ^ h(c)), k2 = h(s_hi ^ h(k1)) from the seed's halves and the
-    draw counter c; per element j, u_j = h(h(k1 ^ h(j)) ^ k2) / 2^32 (24 bits, centred in its cell, so never 0 or 1);
-    normals by Box-Muller from (u_2m, u_2m+1), with h the lowbias32 mixer (:func:`hash32`). tests/test_noise.py checks
-    the moments, normality, uniformity and independence across particles and draws. ``fused`` (``noise:
-    counter-fused``) draws the normals with :func:`counter_normals` compiled: the same numbers, in one kernel.
+    draw counter c; per element j, u_j = (the top 23 bits of h(h(k1 ^ h(j)) ^ k2) + 1/2) / 2^23 (centred in its cell,
+    so never 0 or 1); normals by Box-Muller from (u_m, u_m+N/2) for a draw of N values, with h the lowbias32 mixer
+    (:func:`hash32`). tests/test_noise.py checks the moments, normality, uniformity and independence across particles
+    and draws. ``fused`` (``noise: counter-fused``) draws the normals with :func:`counter_normals` compiled: the same
+    streams (to float32 rounding), in one kernel.
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu",
@@ -207,7 +211,7 @@ class CounterNoise(ParticleNoise):
 
     def rand(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One uniform number in (0, 1) per particle, shape (num_particles,)."""
-        return counter_uniform24(self._halves, *self._draw(1))[:, 0].to(dtype)
+        return counter_uniform(self._halves, *self._draw(1))[:, 0].to(dtype)
 
     def state_dict(self) -> dict:
         return {"device": "counter", "seeds": list(self.seeds), "counters": list(self.counters)}

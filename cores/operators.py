@@ -55,8 +55,9 @@ class Operator(torch.nn.Module):
         """||A(x) - y||^2 per batch element."""
         return (self(x) - y).pow(2).flatten(1).sum(-1)
 
-    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d loss / dx, loss), per element, by autograd."""
+    def gradient(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d loss / dx, loss), per element, by autograd (the loss comes with the gradient, so ``with_loss``, which
+        lets operators with a closed form skip it, changes nothing here)."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             loss = self.loss(x, y)
@@ -90,33 +91,39 @@ def safe_magnitude(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-@lru_cache(maxsize=8)
-def checkerboard(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(-1)^(m1 + m2) on an h x w grid (the centring of an even-sized DFT as a sign pattern), made on the device (a
-    copy from the host would synchronise a CUDA stream)."""
-    i, j = torch.arange(h, device=device), torch.arange(w, device=device)
-    return (1 - 2 * ((i[:, None] + j[None, :]) % 2)).to(dtype)
-
-
-def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tensor, c: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tensor, a: float, b: float,
+                      with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The spectrum side of :meth:`PhaseRetrieval.gradient`: from an unnormalised half spectrum S
-    (``torch.view_as_real``, last dimension (re, im)) of the orthonormal U = c S, and the symmetrised measurement ybar
-    on it, the back-projection c r S / |S| = c r U / |U| with r = |U| - ybar (0 where U = 0) in the same layout (the
-    input of an unnormalised inverse transform whose result is the orthonormal inverse of r U / |U|), and
-    sum_k weight_k r_k^2 per row (summed along the rows' last axis first: many short sums, then one per row)."""
+    (``torch.view_as_real``, last dimension (re, im)) of a multiple of the image, with U = a S its orthonormal
+    spectrum, and the symmetrised measurement ybar on it, the back-projection b r S / |S| with r = |U| - ybar (0 where
+    S = 0) in the same layout, and, ``with_loss``, sum_k weight_k r_k^2 per row (summed along the rows' last axis
+    first: many short sums, then one per row; a reduction kernel of its own on CUDA, so that steps which do not need
+    the loss skip it), else None."""
     re, im = spec.unbind(-1)
     sq = re * re + im * im
     mag = torch.sqrt(sq)
-    r = c * mag - ybar
-    scale = torch.where(sq > 0, c * r / torch.where(sq > 0, mag, torch.ones_like(mag)), torch.zeros_like(mag))
-    return torch.stack((re * scale, im * scale), -1), (weight * r * r).sum(-1).flatten(1).sum(-1)
+    r = a * mag - ybar
+    scale = torch.where(sq > 0, b * r / torch.where(sq > 0, mag, torch.ones_like(mag)), torch.zeros_like(mag))
+    back = spec * scale.unsqueeze(-1)  # one product over (re, im): compiled, one kernel (a stack made it two)
+    return back, (weight * r * r).sum(-1).flatten(1).sum(-1) if with_loss else None
 
 
-def signed_image(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """(x/2 + 1/2) s on the image's window, for :meth:`PhaseRetrieval.gradient`: s u with u the padded x/2 + 1/2 and s
-    the checkerboard is this, padded (s is +-1 and u is 0 outside the window)."""
-    return (x * 0.5 + 0.5) * sign
+@lru_cache(maxsize=4)
+def _pad_buffer(shape: torch.Size, p: int, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero tensor of ``shape`` padded by p on each side of its last two dimensions, and its window (a view)."""
+    padded = torch.zeros(*shape[:-2], shape[-2] + 2 * p, shape[-1] + 2 * p, device=device, dtype=dtype)
+    return padded, padded[..., p:p + shape[-2], p:p + shape[-1]]
+
+
+def padded_plus_one(x: torch.Tensor, p: int) -> torch.Tensor:
+    """pad(x + 1) by p zeros on each side of the last two dimensions, written into the window of a buffer kept per
+    shape, device and dtype (the last four kept) whose border is never written, so that it stays 0: one kernel per
+    call instead of a fill, a copy and the shift. The result is overwritten by the next call of that shape: use it at
+    once, in one thread (the operator's FFT reads it before the next call's write on the same stream)."""
+    padded, window = _pad_buffer(x.shape, p, x.device, x.dtype)
+    torch.add(x, 1.0, out=window)
+    return padded
 
 
 _HALF_MEASUREMENTS = WeakTensorKeyDictionary()  # measurement tensor -> (its version, half_measurement's result)
@@ -124,12 +131,16 @@ _HALF_MEASUREMENTS = WeakTensorKeyDictionary()  # measurement tensor -> (its ver
 
 def half_measurement(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ybar on the half spectrum of rfft2, the columns' loss weights, ||y - ybar||^2 per row) for
-    :meth:`PhaseRetrieval.gradient`, with ybar[k] = (y[k] + y[-k]) / 2 (indices mod n). Kept per measurement tensor
+    :meth:`PhaseRetrieval.gradient`: the centred measurement y taken to the uncentred frame of an FFT,
+    y0[k] = y[k + n/2] (``ifftshift``; even sizes), and symmetrised, ybar[k] = (y0[k] + y0[-k]) / 2 (indices mod n).
+    Kept per measurement tensor
     (a level's MCMC steps all measure against the same one) while it lives and its version counter is unchanged;
     writes that bypass the counter (``y.data``, numpy views) are not seen. Inference tensors are not kept."""
     cached = None if y.is_inference() else _HALF_MEASUREMENTS.get(y)
     if cached is not None and cached[0] == y._version:
         return cached[1]
+    measured = y
+    y = torch.roll(y, shifts=(y.shape[-2] // 2, y.shape[-1] // 2), dims=(-2, -1))
     mirrored = torch.roll(torch.flip(y, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))  # y[-k]
     ybar = (y + mirrored) * 0.5
     offset = (y - ybar).pow(2).flatten(1).sum(-1)
@@ -137,8 +148,8 @@ def half_measurement(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     col = torch.arange(cols, device=y.device)  # on the device: no host copy, which would synchronise a CUDA stream
     weight = torch.where((col == 0) | (col == cols - 1), 1.0, 2.0).to(y.dtype)  # columns 0 and n/2 hold k and -k
     half = (ybar[..., :cols].contiguous(), weight, offset)
-    if not y.is_inference():
-        _HALF_MEASUREMENTS[y] = (y._version, half)
+    if not measured.is_inference():
+        _HALF_MEASUREMENTS[measured] = (measured._version, half)
     return half
 
 
@@ -176,36 +187,38 @@ class PhaseRetrieval(Operator):
         x = F.pad(x * 0.5 + 0.5, (p, p, p, p))
         return safe_magnitude(*centred_fft2(x))
 
-    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradient(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(d loss / dx, loss) in closed form: with u = pad(x/2 + 1/2), U = F(u) and r = |U| - y, L = ||r||^2 and,
         F being unitary, dL/du = 2 Re F^-1(r U / |U|) (0 where U = 0, as :func:`safe_magnitude`), dL/dx =
         crop(dL/du) / 2: one FFT and one inverse FFT, no autograd graph.
 
-        For an even padded size (every even image size) the centring shifts are signs: F(u)[k] = (-1)^(k1 + k2 + n/2)
-        FFT(s u)[k] with the checkerboard s[m] = (-1)^(m1 + m2) (per axis, fftshift(fft(ifftshift(u))) =
-        (-1)^(k + n/2) fft((-1)^m u)), so |U| = |FFT(s u)| and dL/du = 2 s Re FFT^-1(r U' / |U'|), U' = FFT(s u).
+        The centring only relabels the frequencies: for an even padded size n, fftshift(fft(ifftshift(u)))[k] =
+        (-1)^(k1 + k2 + n) FFT(u)[k - n/2] per axis pair, so |U|[k] = |FFT(u)|[k + n/2] (mod n) and L is the same
+        sum over the uncentred spectrum against y0[k] = y[k + n/2], whose gradient is dL/du = 2 Re FFT^-1(r0 U0 / |U0|),
+        U0 = FFT(u), r0 = |U0| - y0 (no sign pattern on either side).
 
-        s u is real, so U' is Hermitian (U'[-k] = conj U'[k]) and |U'| even; the noisy y is not. With the symmetrised
-        measurement ybar[k] = (y[k] + y[-k]) / 2, L = ||m - ybar||^2 + ||y - ybar||^2 (the cross term cancels between
-        k and -k), and r U' / |U'| with r = |U'| - ybar is Hermitian, so Re FFT^-1 is the inverse real FFT of its half
-        spectrum: one rfft2 and one irfft2 (half the transform and spectrum work of fft2 / ifft2), the half's columns
-        1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). Both transforms run unnormalised (torch
-        scales an orthonormal transform's result in a pass of its own) and the spectrum's kernel applies the
-        orthonormal scale (:func:`spectral_residual`). On CUDA the image's and the spectrum's
-        elementwise work are one compiled kernel each (:func:`utils.device.fused`). Odd padded sizes, and devices
-        without torch.fft (XLA), take autograd's gradient."""
+        u is real, so U0 is Hermitian (U0[-k] = conj U0[k]) and |U0| even; the noisy y0 is not. With the symmetrised
+        measurement ybar[k] = (y0[k] + y0[-k]) / 2, L = ||m - ybar||^2 + ||y0 - ybar||^2 (the cross term cancels
+        between k and -k), and r U0 / |U0| with r = |U0| - ybar is Hermitian, so Re FFT^-1 is the inverse real FFT of
+        its half spectrum: one rfft2 and one irfft2 (half the transform and spectrum work of fft2 / ifft2), the half's
+        columns 1 .. n/2 - 1 weighted 2 in the loss (:func:`half_measurement`). The transform reads pad(x + 1) = 2 u
+        (:func:`padded_plus_one`, one kernel), both transforms run unnormalised (torch scales an orthonormal
+        transform's result in a pass of its own) and the spectrum's kernel applies the scales (:func:`spectral_residual`;
+        one compiled kernel on CUDA, :func:`utils.device.fused`); the result is the window of the inverse transform,
+        a view (its consumer reads it in place of a copy). ``with_loss=False`` skips the loss's reduction and returns
+        None for it. Odd padded sizes, and devices without torch.fft (XLA), take autograd's gradient."""
         p = self.pad(x.shape[-1])
         h, w = x.shape[-2] + 2 * p, x.shape[-1] + 2 * p
         if x.device.type not in NATIVE_FFT_DEVICES or h % 2 or w % 2:
-            return super().gradient(x, y)
+            return super().gradient(x, y, with_loss)
         with torch.no_grad():  # one grad mode for every caller, so that the compiled kernels are traced once
-            sign = checkerboard(x.shape[-2], x.shape[-1], x.device, x.dtype)  # s on the window: its shift 2p is even
             ybar, weight, offset = half_measurement(y)
-            su = F.pad(fused(signed_image, x.device)(x, sign), (p, p, p, p))
-            spec = torch.view_as_real(torch.fft.rfft2(su, norm="backward"))  # unscaled: no pass over the result
-            back, loss = fused(spectral_residual, x.device)(spec, ybar, weight, 1.0 / math.sqrt(h * w))
-            du = torch.fft.irfft2(torch.view_as_complex(back.contiguous()), s=(h, w), norm="forward")  # unscaled
-        return du[..., p:p + x.shape[-2], p:p + x.shape[-1]] * sign, loss + offset
+            spec = torch.view_as_real(torch.fft.rfft2(padded_plus_one(x, p), norm="backward"))  # FFT(2 u), unscaled
+            c = 1.0 / math.sqrt(h * w)
+            back, loss = fused(spectral_residual, x.device)(spec, ybar, weight, c / 2, c, with_loss)
+            du = torch.fft.irfft2(torch.view_as_complex(back), s=(h, w), norm="forward")  # unscaled
+        return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], None if loss is None else loss + offset
 
     def view(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Log-magnitude spectrum, resized to the image."""
@@ -344,13 +357,14 @@ class LatentOperator(Operator):
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.op.loss(self.decode(z).float(), y)
 
-    def gradient(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradient(self, z: torch.Tensor, y: torch.Tensor, with_loss: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(d loss / dz, loss): the pixel operator's own gradient (closed form where it has one) pulled back through
         the decoder by one vector-Jacobian product."""
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             x = self.decode(z)
-            gx, loss = self.op.gradient(x.detach().float(), y)
+            gx, loss = self.op.gradient(x.detach().float(), y, with_loss)
             (grad,) = torch.autograd.grad(x, z, gx.to(x.dtype))
         return grad, loss
 

@@ -22,7 +22,7 @@ import argparse
 import statistics
 import sys
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def main() -> None:
     kernel = DampedHMC(num_steps=args.steps, lr=9.75e-6, lr_min_ratio=0.019, momentum=0.73)
     noise = CounterNoise(range(args.shape[0]), dev, fused=True)
     target = make_target(TargetSpec(1e4), None, lambda x: op.loss(x, y), x0hat, x0hat, 1.0,
-                         gradient=lambda x: op.gradient(x, y))
+                         gradient=partial(op.gradient, y=y))
 
     def level() -> torch.Tensor:
         return kernel.run(target, x0hat, noise, kernel.lr).x

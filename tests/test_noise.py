@@ -38,6 +38,8 @@ def test_draws_are_standard_normal_and_uniform_and_independent():
     assert np.abs(corr).max() < 5 / np.sqrt(z.shape[1])  # streams of different particles uncorrelated
     lag = np.corrcoef(z[:, :2500].ravel(), z[:, 2500:5000].ravel())[0, 1]
     assert abs(lag) < 5 / np.sqrt(z[:, :2500].size)  # successive draws of a stream uncorrelated
+    z32 = CounterNoise(SEEDS).randn((10000,)).numpy()  # float32: Box-Muller in float32 (the fused draw's default)
+    assert abs(z32.mean()) < 0.01 and abs(z32.std() - 1) < 0.01 and stats.kstest(z32.ravel(), "norm").pvalue > 1e-3
     u = CounterNoise(range(20000)).rand(torch.float64).numpy()
     assert 0 < u.min() and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-3
 
@@ -85,20 +87,26 @@ def run(d, y, seeds, kind="counter", **kw):
     return s.sample(d, PhaseRetrieval(), ps, **kw)
 
 
+def same_draws(a, b):
+    """Two float32 draws of one stream: equal to the last bits (the compiled logarithm and sines may round otherwise)."""
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
 def test_fused_draws_are_the_eager_draws_and_xla_is_refused():
-    """noise=counter-fused: the compiled draw gives the eager CounterNoise's numbers exactly, through select (a prune
-    to fewer particles) and reseed, with one compile for every particle count and (odd) draw size (about half a minute
-    on 2 CPU cores)."""
+    """noise=counter-fused: the compiled draw gives the eager CounterNoise's numbers (the uniforms exactly, the
+    float32 normals to rounding), through select (a prune to fewer particles) and reseed, with one compile for every
+    particle count and (odd) draw size (about half a minute on 2 CPU cores)."""
     from torch._dynamo.utils import counters
 
     eager, fused = CounterNoise(SEEDS[:6]), particle_noise("counter-fused", SEEDS[:6], "cpu")
     for _ in range(2):
-        assert torch.equal(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
+        same_draws(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
         assert torch.equal(fused.rand(), eager.rand())
     graphs = counters["stats"]["unique_graphs"]
     eager, fused = eager.select([4, 1, 0, 5]).reseed({1: 7}), fused.select([4, 1, 0, 5]).reseed({1: 7})
-    assert fused.fused and len(fused) == 4 and torch.equal(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
-    assert torch.equal(fused.randn((3, 5, 1)), eager.randn((3, 5, 1)))
+    assert fused.fused and len(fused) == 4
+    same_draws(fused.randn((1, 3, 3)), eager.randn((1, 3, 3)))
+    same_draws(fused.randn((3, 5, 1)), eager.randn((3, 5, 1)))
     assert counters["stats"]["unique_graphs"] == graphs  # no recompile for 4 particles or 15 values
     with pytest.raises(ValueError, match="use noise=counter there"):
         CounterNoise(SEEDS[:2], "meta", fused=True)

@@ -98,6 +98,9 @@ def test_phase_retrieval_closed_form_gradient_is_autograds(oversample, size):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
         assert grad[2].abs().max() == 0 and ref_grad[2].abs().max() == 0
+        one, skipped = op.gradient(x[1:2], y[1:2], with_loss=False)  # a smaller batch in the padded buffer
+        torch.testing.assert_close(one, ref_grad[1:2], rtol=1e-10, atol=1e-12)
+        assert skipped is None or size % 2  # only the closed form (even padded sizes) skips the loss
 
 
 def test_phase_retrieval_half_measurement_follows_the_measurement():
@@ -125,7 +128,8 @@ def test_phase_retrieval_half_measurement_follows_the_measurement():
 
 def test_compiled_spectral_residual_is_the_eager_one():
     """The compiled spectrum kernel (used on CUDA) equals the eager function, here compiled for the CPU, at two
-    batch sizes and two scales (dynamic sizes, floats not specialised: one compile), zeros of the spectrum included."""
+    batch sizes and two scales (dynamic sizes, floats not specialised: one compile per ``with_loss``), zeros of the
+    spectrum included."""
     from cores.operators import spectral_residual
     from utils.device import compiled
 
@@ -135,10 +139,16 @@ def test_compiled_spectral_residual_is_the_eager_one():
     for batch, c in ((3, 0.25), (5, 1 / 12)):
         spec = torch.randn(batch, 2, 12, 7, 2)
         spec[0, 0, :2] = 0.0
-        args = (spec, torch.rand(batch, 2, 12, 7), torch.rand(7), c)
-        for got, want in zip(compiled(spectral_residual)(*args), spectral_residual(*args)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        args = (spec, torch.rand(batch, 2, 12, 7), torch.rand(7), c / 2, c)
+        back, loss = spectral_residual(*args)
+        for with_loss in (True, False):
+            got_back, got_loss = compiled(spectral_residual)(*args, with_loss)
+            torch.testing.assert_close(got_back, back, rtol=1e-5, atol=1e-6)
+            if with_loss:
+                torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
+            else:
+                assert got_loss is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per with_loss
     compiled.cache_clear()
 
 

@@ -120,7 +120,7 @@ def to_host(t: torch.Tensor) -> list:
         return t.detach().cpu().tolist()
 
 
-def end_step(*carry: torch.Tensor) -> None:
+def end_step(*carry: torch.Tensor | None) -> None:
     """Mark the end of one iteration of a loop that repeats one computation (an MCMC step, an ODE step).
 
     On XLA this cuts the lazy graph at ``carry``, the tensors the next iteration reads: their graph is
@@ -129,11 +129,12 @@ def end_step(*carry: torch.Tensor) -> None:
     into one graph whose compile time and memory grow with ``num_steps``. The cut names its tensors rather
     than cutting at every live tensor (``torch_xla.sync()``): after a backward, the autograd engine's XLA
     worker thread can still hold a gradient buffer for a moment, and a global cut then compiles, at random,
-    a variant of the step graph with that buffer as one more output. Elsewhere a no-op."""
+    a variant of the step graph with that buffer as one more output. None entries (a loss the step skipped) are
+    left out. Elsewhere a no-op."""
     if carry[0].device.type == "xla":
         import torch_xla
 
-        torch_xla._XLAC._xla_sync_multi(list(carry), devices=[], wait=False)
+        torch_xla._XLAC._xla_sync_multi([t for t in carry if t is not None], devices=[], wait=False)
 
 
 @lru_cache(maxsize=None)
