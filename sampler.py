@@ -303,8 +303,8 @@ class DAPS:
                 device: torch.device) -> None:
         """Two MCMC steps of the kernel for ``len(noise)`` particles at zero, under a level's target (the operator's
         gradient, the prior term, the noise's draws), so that what a level compiles on CUDA (``utils.device.fused``'s
-        kernels, a fused noise draw) compiles here, before the sampling clock; two steps, because the chain's first
-        step, which starts at the prior mean, is traced apart from the others."""
+        kernels, a fused noise draw) compiles here, before the sampling clock; two steps, because a level's last step
+        computes the loss and the others skip it (two traces of the operator's spectrum kernel)."""
         op = self.level_operator(operator, denoiser)
         x = torch.zeros(len(noise), *denoiser.in_shape, device=device)
         y = operator(torch.zeros(len(noise), *denoiser.image_shape, device=device))

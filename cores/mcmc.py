@@ -121,7 +121,12 @@ class Target:
         """(grad log pi(x), L(x)) per particle: :func:`gaussian_log_pi_grad`, plus the prior's score and the tilt's
         gradient where the target has them; ``with_loss=False``: L(x) may be None (:meth:`loss_grad`)."""
         g_loss, loss = self.loss_grad(x, with_loss)
-        g = fused(gaussian_log_pi_grad, x.device)(x, self.prior_mean, g_loss, self.r, self.data_weight)
+        if x is self.prior_mean:  # a chain's start, where the Gaussian term is 0: -w grad L exactly, and no compiled
+            # call with x aliasing prior_mean, which torch 2.11 on CUDA traced apart with r as a constant: one compile
+            # at every level, inside the sampling clock, until dynamo's recompile limit (tests/test_gpu.py)
+            g = -self.data_weight * g_loss
+        else:
+            g = fused(gaussian_log_pi_grad, x.device)(x, self.prior_mean, g_loss, self.r, self.data_weight)
         if self.prior_score is not None:
             g = g + self.prior_score(x)
         if self.tilt is not None:

@@ -91,21 +91,26 @@ def safe_magnitude(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tensor, a: float, b: float,
-                      with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The spectrum side of :meth:`PhaseRetrieval.gradient`: from an unnormalised half spectrum S
-    (``torch.view_as_real``, last dimension (re, im)) of a multiple of the image, with U = a S its orthonormal
-    spectrum, and the symmetrised measurement ybar on it, the back-projection b r S / |S| with r = |U| - ybar (0 where
-    S = 0) in the same layout, and, ``with_loss``, sum_k weight_k r_k^2 per row (summed along the rows' last axis
-    first: many short sums, then one per row; a reduction kernel of its own on CUDA, so that steps which do not need
-    the loss skip it), else None."""
+def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tensor, c: float, with_loss: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The spectrum side of :meth:`PhaseRetrieval.gradient`: from the unnormalised half spectrum S of 2 u
+    (``torch.view_as_real``, last dimension (re, im)), whose orthonormal spectrum is U = c S / 2, and the symmetrised
+    measurement ybar on it, the back-projection c r S / |S| with r = |U| - ybar (0 where S = 0) in the same layout (the
+    input of an unnormalised inverse transform whose result is the orthonormal inverse of r U / |U|), and, with
+    ``with_loss``, sum_k weight_k r_k^2 per row (summed along the rows' last axis first: many short sums, then one
+    per row), else None.
+
+    c r / |S| = c (c / 2 - ybar / |S|) takes one reciprocal square root. Compiled (CUDA), the scale is computed
+    inside the kernel that writes the back-projection as long as it reads at most four inputs (inductor stores a
+    reused intermediate of more reads in a buffer of its own: a second kernel)."""
     re, im = spec.unbind(-1)
     sq = re * re + im * im
-    mag = torch.sqrt(sq)
-    r = a * mag - ybar
-    scale = torch.where(sq > 0, b * r / torch.where(sq > 0, mag, torch.ones_like(mag)), torch.zeros_like(mag))
-    back = spec * scale.unsqueeze(-1)  # one product over (re, im): compiled, one kernel (a stack made it two)
-    return back, (weight * r * r).sum(-1).flatten(1).sum(-1) if with_loss else None
+    scale = torch.where(sq > 0, c * (0.5 * c - ybar * torch.rsqrt(sq)), 0.0)  # c r / |S|; rsqrt(0) = inf is masked
+    back = torch.stack((re * scale, im * scale), -1)
+    if not with_loss:
+        return back, None
+    r = 0.5 * c * torch.sqrt(sq) - ybar
+    return back, (weight * r * r).sum(-1).flatten(1).sum(-1)
 
 
 @lru_cache(maxsize=4)
@@ -216,7 +221,7 @@ class PhaseRetrieval(Operator):
             ybar, weight, offset = half_measurement(y)
             spec = torch.view_as_real(torch.fft.rfft2(padded_plus_one(x, p), norm="backward"))  # FFT(2 u), unscaled
             c = 1.0 / math.sqrt(h * w)
-            back, loss = fused(spectral_residual, x.device)(spec, ybar, weight, c / 2, c, with_loss)
+            back, loss = fused(spectral_residual, x.device)(spec, ybar, weight, c, with_loss)
             du = torch.fft.irfft2(torch.view_as_complex(back), s=(h, w), norm="forward")  # unscaled
         return du[..., p:p + x.shape[-2], p:p + x.shape[-1]], None if loss is None else loss + offset
 

@@ -31,9 +31,11 @@ def test_loop_syncs_only_through_to_host(kind, algo, pixel_model_dir, latent_mod
     s.warm_up(d, op, ParticleNoise([5, 6, 7, 8], dev), dev)  # the fused kernels compile here, as before a run's clock
     particles = s.particles(y, noise, d.in_shape, dev)
     torch.cuda.synchronize()
+    graphs = dict(torch._dynamo.utils.counters["stats"])
     with forbid_sync():  # any synchronising CUDA call outside utils.device.to_host raises
         res = s.sample(d, op, particles)
     assert res.status == ["ok"] * 4 and torch.isfinite(res.x).all()
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # nothing traced (compiled) inside the sampling
 
 
 @pytest.mark.parametrize("tf32", [False, True])

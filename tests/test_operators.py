@@ -139,7 +139,7 @@ def test_compiled_spectral_residual_is_the_eager_one():
     for batch, c in ((3, 0.25), (5, 1 / 12)):
         spec = torch.randn(batch, 2, 12, 7, 2)
         spec[0, 0, :2] = 0.0
-        args = (spec, torch.rand(batch, 2, 12, 7), torch.rand(7), c / 2, c)
+        args = (spec, torch.rand(batch, 2, 12, 7), torch.rand(7), c)
         back, loss = spectral_residual(*args)
         for with_loss in (True, False):
             got_back, got_loss = compiled(spectral_residual)(*args, with_loss)
