@@ -121,12 +121,11 @@ class Target:
         """(grad log pi(x), L(x)) per particle: :func:`gaussian_log_pi_grad`, plus the prior's score and the tilt's
         gradient where the target has them; ``with_loss=False``: L(x) may be None (:meth:`loss_grad`)."""
         g_loss, loss = self.loss_grad(x, with_loss)
-        if x is self.prior_mean:  # a chain's start, where the Gaussian term is 0: -w grad L exactly, and no compiled
-            # call with x aliasing prior_mean, which torch 2.11 on CUDA traced apart with r as a constant: one compile
-            # at every level, inside the sampling clock, until dynamo's recompile limit (tests/test_gpu.py)
+        if x is self.prior_mean:  # a chain's start, where the Gaussian term is 0: -w grad L exactly, without a second
+            # trace of the compiled function for x aliasing prior_mean
             g = -self.data_weight * g_loss
         else:
-            g = fused(gaussian_log_pi_grad, x.device)(x, self.prior_mean, g_loss, self.r, self.data_weight)
+            g = fused(gaussian_log_pi_grad, x.device)(x, self.prior_mean, g_loss, 1.0 / self.r**2, self.data_weight)
         if self.prior_score is not None:
             g = g + self.prior_score(x)
         if self.tilt is not None:
@@ -182,23 +181,29 @@ class KernelOutput:
     stage1_acceptance: torch.Tensor | None = None
 
 
-def gaussian_log_pi_grad(x: torch.Tensor, prior_mean: torch.Tensor, loss_grad: torch.Tensor, r: float, w: float
-                         ) -> torch.Tensor:
-    """grad log pi(x) = (prior_mean - x) / r^2 - w grad L(x): the data term and the Gaussian around prior_mean
-    (:class:`Target`), one kernel on CUDA (:func:`utils.device.fused`)."""
-    return (prior_mean - x) / (r * r) - w * loss_grad
+# The fused functions below take every scalar as a multiplier computed by the caller: arithmetic on their float
+# arguments (r * r, a division by one, math.sqrt) made torch 2.11's compile on CUDA specialise on the value, one
+# compile per MCMC level inside the sampling clock (tests/test_gpu.py counts the traces).
 
 
-def langevin_update(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor, lr: float) -> torch.Tensor:
-    """One ULA step x + lr grad log pi + sqrt(2 lr) z (:class:`Langevin`), one kernel on CUDA."""
-    return x + lr * g + math.sqrt(2 * lr) * z
+def gaussian_log_pi_grad(x: torch.Tensor, prior_mean: torch.Tensor, loss_grad: torch.Tensor, precision: float,
+                         w: float) -> torch.Tensor:
+    """grad log pi(x) = (prior_mean - x) / r^2 - w grad L(x), ``precision`` = 1 / r^2: the data term and the
+    Gaussian around prior_mean (:class:`Target`), one kernel on CUDA (:func:`utils.device.fused`)."""
+    return (prior_mean - x) * precision - w * loss_grad
 
 
-def damped_hmc_update(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, z: torch.Tensor, m: float, h: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def langevin_update(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor, lr: float, noise_std: float) -> torch.Tensor:
+    """One ULA step x + lr grad log pi + sqrt(2 lr) z, ``noise_std`` = sqrt(2 lr) (:class:`Langevin`), one kernel on
+    CUDA."""
+    return x + lr * g + noise_std * z
+
+
+def damped_hmc_update(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, z: torch.Tensor, m: float, h: float,
+                      noise_std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the official damped 'hmc' (:class:`DampedHMC`): v' = m v + h grad log pi + sqrt(2 (1 - m)) z,
-    x' = x + h v' with h = sqrt(lr); (x', v'), one kernel on CUDA."""
-    v = m * v + h * g + math.sqrt(2 * (1 - m)) * z
+    x' = x + h v' with h = sqrt(lr) and ``noise_std`` = sqrt(2 (1 - m)); (x', v'), one kernel on CUDA."""
+    v = m * v + h * g + noise_std * z
     return x + h * v, v
 
 
@@ -277,7 +282,7 @@ class Langevin(Kernel):
         loss = None
         for i in range(self.num_steps):
             g, loss = target.grad(x, with_loss=i == self.num_steps - 1)  # the level reports the last step's loss
-            x = update(x, g, noise.randn_like(x), lr)
+            x = update(x, g, noise.randn_like(x), lr, math.sqrt(2 * lr))
             end_step(x, loss)
         return KernelOutput(x, loss)
 
@@ -296,7 +301,8 @@ class DampedHMC(Kernel):
         loss = None
         for i in range(self.num_steps):
             g, loss = target.grad(x, with_loss=i == self.num_steps - 1)  # the level reports the last step's loss
-            x, v = update(x, v, g, noise.randn_like(x), self.momentum, math.sqrt(lr))
+            z = noise.randn_like(x)
+            x, v = update(x, v, g, z, self.momentum, math.sqrt(lr), math.sqrt(2 * (1 - self.momentum)))
             end_step(x, v, loss)
         return KernelOutput(x, loss)
 
