@@ -101,8 +101,9 @@ def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tens
     per row), else None.
 
     c r / |S| = c (c / 2 - ybar / |S|) takes one reciprocal square root. Compiled (CUDA), the scale is computed
-    inside the kernel that writes the back-projection as long as it reads at most four inputs (inductor stores a
-    reused intermediate of more reads in a buffer of its own: a second kernel)."""
+    inside the kernel that writes the back-projection: it reads four inputs (S's two parts, ybar, c); with a fifth
+    (separate scales for |U| and the back-projection) torch 2.11's inductor stored it in a buffer of its own and
+    took two kernels (its ``realize_reads_threshold`` is 4; H100, docs/benchmarks.md, "Eighth session")."""
     re, im = spec.unbind(-1)
     sq = re * re + im * im
     scale = torch.where(sq > 0, c * (0.5 * c - ybar * torch.rsqrt(sq)), 0.0)  # c r / |S|; rsqrt(0) = inf is masked
