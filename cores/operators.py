@@ -115,9 +115,10 @@ def spectral_residual(spec: torch.Tensor, ybar: torch.Tensor, weight: torch.Tens
 
 
 @lru_cache(maxsize=4)
-def _pad_buffer(shape: torch.Size, p: int, device: torch.device, dtype: torch.dtype
+def _pad_buffer(shape: torch.Size, p: int, device: torch.device, dtype: torch.dtype, inference: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A zero tensor of ``shape`` padded by p on each side of its last two dimensions, and its window (a view)."""
+    """A zero tensor of ``shape`` padded by p on each side of its last two dimensions, and its window (a view); one
+    per ``inference`` mode (a tensor made under ``torch.inference_mode`` cannot be written outside it)."""
     padded = torch.zeros(*shape[:-2], shape[-2] + 2 * p, shape[-1] + 2 * p, device=device, dtype=dtype)
     return padded, padded[..., p:p + shape[-2], p:p + shape[-1]]
 
@@ -127,7 +128,7 @@ def padded_plus_one(x: torch.Tensor, p: int) -> torch.Tensor:
     shape, device and dtype (the last four kept) whose border is never written, so that it stays 0: one kernel per
     call instead of a fill, a copy and the shift. The result is overwritten by the next call of that shape: use it at
     once, in one thread (the operator's FFT reads it before the next call's write on the same stream)."""
-    padded, window = _pad_buffer(x.shape, p, x.device, x.dtype)
+    padded, window = _pad_buffer(x.shape, p, x.device, x.dtype, torch.is_inference_mode_enabled())
     torch.add(x, 1.0, out=window)
     return padded
 
@@ -139,9 +140,9 @@ def half_measurement(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     """(ybar on the half spectrum of rfft2, the columns' loss weights, ||y - ybar||^2 per row) for
     :meth:`PhaseRetrieval.gradient`: the centred measurement y taken to the uncentred frame of an FFT,
     y0[k] = y[k + n/2] (``ifftshift``; even sizes), and symmetrised, ybar[k] = (y0[k] + y0[-k]) / 2 (indices mod n).
-    Kept per measurement tensor
-    (a level's MCMC steps all measure against the same one) while it lives and its version counter is unchanged;
-    writes that bypass the counter (``y.data``, numpy views) are not seen. Inference tensors are not kept."""
+    Kept per measurement tensor (a level's MCMC steps all measure against the same one) while it lives and its version
+    counter is unchanged; writes that bypass the counter (``y.data``, numpy views) are not seen. Inference tensors are
+    not kept."""
     cached = None if y.is_inference() else _HALF_MEASUREMENTS.get(y)
     if cached is not None and cached[0] == y._version:
         return cached[1]
