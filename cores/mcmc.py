@@ -181,9 +181,10 @@ class KernelOutput:
     stage1_acceptance: torch.Tensor | None = None
 
 
-# The fused functions below take every scalar as a multiplier computed by the caller: arithmetic on their float
-# arguments (r * r, a division by one, math.sqrt) made torch 2.11's compile on CUDA specialise on the value, one
-# compile per MCMC level inside the sampling clock (tests/test_gpu.py counts the traces).
+# The fused functions below take every scalar as a multiplier computed by the caller: with r * r and a division by it
+# inside gaussian_log_pi_grad, torch 2.11's compile on CUDA held r as a constant, one compile per MCMC level inside
+# the sampling clock (docs/benchmarks.md, "Eighth session"; tests/test_gpu.py counts the traces); the updates follow the
+# same rule.
 
 
 def gaussian_log_pi_grad(x: torch.Tensor, prior_mean: torch.Tensor, loss_grad: torch.Tensor, precision: float,
