@@ -279,11 +279,11 @@ class Langevin(Kernel):
     name = "langevin"
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
-        update = fused(langevin_update, x.device)
+        update, noise_std = fused(langevin_update, x.device), math.sqrt(2 * lr)
         loss = None
         for i in range(self.num_steps):
             g, loss = target.grad(x, with_loss=i == self.num_steps - 1)  # the level reports the last step's loss
-            x = update(x, g, noise.randn_like(x), lr, math.sqrt(2 * lr))
+            x = update(x, g, noise.randn_like(x), lr, noise_std)
             end_step(x, loss)
         return KernelOutput(x, loss)
 
@@ -298,12 +298,12 @@ class DampedHMC(Kernel):
 
     def run(self, target: Target, x: torch.Tensor, noise: Noise, lr: float) -> KernelOutput:
         update = fused(damped_hmc_update, x.device)
+        h, noise_std = math.sqrt(lr), math.sqrt(2 * (1 - self.momentum))
         v = noise.randn_like(x)
         loss = None
         for i in range(self.num_steps):
             g, loss = target.grad(x, with_loss=i == self.num_steps - 1)  # the level reports the last step's loss
-            z = noise.randn_like(x)
-            x, v = update(x, v, g, z, self.momentum, math.sqrt(lr), math.sqrt(2 * (1 - self.momentum)))
+            x, v = update(x, v, g, noise.randn_like(x), self.momentum, h, noise_std)
             end_step(x, v, loss)
         return KernelOutput(x, loss)
 

@@ -146,17 +146,16 @@ def half_measurement(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     cached = None if y.is_inference() else _HALF_MEASUREMENTS.get(y)
     if cached is not None and cached[0] == y._version:
         return cached[1]
-    measured = y
-    y = torch.roll(y, shifts=(y.shape[-2] // 2, y.shape[-1] // 2), dims=(-2, -1))
-    mirrored = torch.roll(torch.flip(y, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))  # y[-k]
-    ybar = (y + mirrored) * 0.5
-    offset = (y - ybar).pow(2).flatten(1).sum(-1)
+    y0 = torch.roll(y, shifts=(y.shape[-2] // 2, y.shape[-1] // 2), dims=(-2, -1))
+    mirrored = torch.roll(torch.flip(y0, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))  # y0[-k]
+    ybar = (y0 + mirrored) * 0.5
+    offset = (y0 - ybar).pow(2).flatten(1).sum(-1)
     cols = y.shape[-1] // 2 + 1
     col = torch.arange(cols, device=y.device)  # on the device: no host copy, which would synchronise a CUDA stream
     weight = torch.where((col == 0) | (col == cols - 1), 1.0, 2.0).to(y.dtype)  # columns 0 and n/2 hold k and -k
     half = (ybar[..., :cols].contiguous(), weight, offset)
-    if not measured.is_inference():
-        _HALF_MEASUREMENTS[measured] = (measured._version, half)
+    if not y.is_inference():
+        _HALF_MEASUREMENTS[y] = (y._version, half)
     return half
 
 
