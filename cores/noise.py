@@ -161,7 +161,7 @@ class CounterNoise(ParticleNoise):
     so never 0 or 1); normals by Box-Muller from (u_m, u_m+N/2) for a draw of N values, with h the lowbias32 mixer
     (:func:`hash32`). tests/test_noise.py checks the moments, normality, uniformity and independence across particles
     and draws. ``fused`` (``noise: counter-fused``) draws the normals with :func:`counter_normals` compiled: the same
-    streams (to float32 rounding), in one kernel.
+    streams (to float32 rounding), in one kernel (on CUDA a Triton kernel, :mod:`cores.counter_kernel`).
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu",
@@ -191,27 +191,37 @@ class CounterNoise(ParticleNoise):
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def _draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The counters and hashed element indices of the next draw of ``count`` values; advances every counter."""
+    def _draw(self) -> torch.Tensor:
+        """The counters of the next draw (on the device); advances every counter."""
         if self._last + self._draws >= 2**32:
             raise RuntimeError("CounterNoise: a particle made 2^32 draws; its stream would repeat")
-        if count not in self._elements:  # h(j) of the element indices, per draw size
-            self._elements[count] = hash32(torch.arange(count, dtype=torch.int64, device=self.device))
         count_now = self._count
         self._count = self._count + 1
         self._draws += 1
-        return count_now, self._elements[count]
+        return count_now
+
+    def _hashed(self, count: int) -> torch.Tensor:
+        """h(j) of the element indices j < ``count``, once per draw size."""
+        if count not in self._elements:
+            self._elements[count] = hash32(torch.arange(count, dtype=torch.int64, device=self.device))
+        return self._elements[count]
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard normal noise of shape (num_particles, *shape)."""
+        """Standard normal noise of shape (num_particles, *shape). Fused on CUDA: float32 and narrower draws come from
+        :func:`cores.counter_kernel.counter_normals_kernel` (one Triton kernel), float64 ones from the compiled
+        :func:`counter_normals`, as fused draws everywhere else."""
         n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-        count, elements = self._draw(2 * ((n + 1) // 2))
+        count = self._draw()
+        if self.fused and self.device.type == "cuda" and dtype != torch.float64:
+            from cores.counter_kernel import counter_normals_kernel
+
+            return counter_normals_kernel(self._halves, count, n, dtype).reshape(len(self), *shape)
         normals = compiled(counter_normals) if self.fused else counter_normals
-        return normals(self._halves, count, elements, n, dtype).reshape(len(self), *shape)
+        return normals(self._halves, count, self._hashed(2 * ((n + 1) // 2)), n, dtype).reshape(len(self), *shape)
 
     def rand(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One uniform number in (0, 1) per particle, shape (num_particles,)."""
-        return counter_uniform(self._halves, *self._draw(1))[:, 0].to(dtype)
+        return counter_uniform(self._halves, self._draw(), self._hashed(1))[:, 0].to(dtype)
 
     def state_dict(self) -> dict:
         return {"device": "counter", "seeds": list(self.seeds), "counters": list(self.counters)}

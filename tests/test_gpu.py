@@ -79,3 +79,36 @@ def test_cli_on_cuda_records_peak_memory(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "gpu" / "metrics.json").read_text())
     assert metrics["device"]["type"] == "cuda" and metrics["peak_memory"]["explore"] > 0
+
+
+def test_channels_last_networks_compile_without_graph_breaks(pixel_model_dir, latent_model_dir):
+    """``channels_last`` + ``compile``: the UNet (and the decoder's forward and backward) trace as whole graphs on this
+    device's torch (the device's torch 2.11 broke the graph at ``max(..., default=)`` in a group norm, which the CPU's
+    torch 2.14 traces: a graph break per norm made the ADM UNet 3x slower)."""
+    dev = torch.device("cuda")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for path in (pixel_model_dir, latent_model_dir):
+        d = build_model({"name": "diffusers", "path": str(path), "dtype": "bfloat16", "channels_last": True,
+                         "compile": "default"}, dev)
+        x = torch.randn(2, *d.in_shape, device=dev)
+        with torch.no_grad():
+            d.denoise(x, 1.0)
+        if d.latent:
+            z = x.detach().requires_grad_(True)
+            torch.autograd.grad(d.decode(z).sum(), z)
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+
+
+def test_fused_counter_draws_on_cuda_are_the_eager_draws():
+    """noise=counter-fused on CUDA (the Triton kernel for float32, the compiled torch function for float64): the eager
+    CPU streams' numbers to float32 rounding, through a select and a reseed."""
+    from cores.noise import CounterNoise, particle_seed
+
+    seeds = [particle_seed(3, i, k) for i in range(3) for k in range(2)]
+    gpu, cpu = CounterNoise(seeds, "cuda", fused=True), CounterNoise(seeds)
+    for shape in ((3, 17, 19), (1, 2048 * 2 + 1)):
+        torch.testing.assert_close(gpu.randn(shape).cpu(), cpu.randn(shape), rtol=2e-6, atol=2e-6)
+    gpu, cpu = gpu.select([5, 0, 2]).reseed({1: 11}), cpu.select([5, 0, 2]).reseed({1: 11})
+    torch.testing.assert_close(gpu.randn((4, 4)).cpu(), cpu.randn((4, 4)), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(gpu.randn((5,), torch.float64).cpu(), cpu.randn((5,), torch.float64))
