@@ -12,8 +12,6 @@ function, and tests/test_gpu.py on CUDA.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -40,13 +38,17 @@ def _uniform(k1, k2, j):
 
 @triton.jit
 def _counter_normals(halves, counts, out, n, half, BLOCK: tl.constexpr):
-    p = tl.program_id(1)
-    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """Program (p, b): particle p's keys, then pairs m in [b BLOCK, (b + 1) BLOCK) below half: out[p, m] = r cos theta
+    and out[p, half + m] = r sin theta (the latter only below n), r from u_m and theta from u_{m + half}."""
+    p = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    # the particle's two keys, from its seed's halves and its draw counter
     lo = tl.load(halves + 2 * p).to(tl.uint32)
     hi = tl.load(halves + 2 * p + 1).to(tl.uint32)
     c = tl.load(counts + p).to(tl.uint32)
     k1 = _lowbias32(lo ^ _lowbias32(c))
     k2 = _lowbias32(hi ^ _lowbias32(k1))
+    # Box-Muller on the pair (u_m, u_{m + half})
     pair = m < half
     r = tl.sqrt_rn(-2.0 * tl.log(_uniform(k1, k2, m.to(tl.uint32))))
     theta = 6.283185307179586 * _uniform(k1, k2, (m + half).to(tl.uint32))
@@ -55,15 +57,27 @@ def _counter_normals(halves, counts, out, n, half, BLOCK: tl.constexpr):
     tl.store(row + half + m, (r * tl.sin(theta)).to(out.dtype.element_ty), mask=pair & (half + m < n))
 
 
+MAX_BLOCKS = 65535  # CUDA's limit on a grid's second axis
+
+
 def counter_normals_kernel(halves: torch.Tensor, count: torch.Tensor, n: int,
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``n`` standard normals per particle, shape (particles, n), computed in float32 and stored as ``dtype``: the
-    values of :func:`cores.noise.counter_normals` (``halves``: the seeds' 32-bit halves, (P, 2) int64; ``count``: the
-    draw counters, (P,) int64), from one kernel launch and no other allocation than the output."""
+    """``n`` standard normals per particle, shape (particles, n), computed in float32 and stored as ``dtype``
+    (rounded to nearest): the values of :func:`cores.noise.counter_normals`, from one kernel launch on ``halves``'
+    device and no other allocation than the output. ``halves``: the seeds' 32-bit halves, contiguous (P, 2) int64;
+    ``count``: the draw counters, contiguous (P,) int64 (as :class:`cores.noise.CounterNoise` keeps them)."""
     if dtype == torch.float64:
-        raise ValueError("counter_normals_kernel draws in float32; float64 draws go through cores.noise.counter_normals")
-    out = torch.empty((halves.shape[0], n), dtype=dtype, device=halves.device)
+        raise ValueError("counter_normals_kernel draws in float32: float64 draws go through "
+                         "cores.noise.counter_normals")
+    if not (halves.is_contiguous() and count.is_contiguous()):
+        raise ValueError("counter_normals_kernel needs contiguous seed halves and counters")
     half = (n + 1) // 2
+    blocks = triton.cdiv(half, BLOCK)
+    if blocks > MAX_BLOCKS:
+        raise ValueError(f"a draw of {n} values per particle exceeds the kernel's {2 * BLOCK * MAX_BLOCKS}: "
+                         "use noise=counter (the torch function) for draws this large")
+    out = torch.empty((halves.shape[0], n), dtype=dtype, device=halves.device)
     if out.numel():
-        _counter_normals[(math.ceil(half / BLOCK), halves.shape[0])](halves, count, out, n, half, BLOCK=BLOCK)
+        with torch.cuda.device(halves.device if halves.is_cuda else -1):  # -1: stay (the interpreter's CPU tensors)
+            _counter_normals[(halves.shape[0], blocks)](halves, count, out, n, half, BLOCK=BLOCK)
     return out

@@ -139,10 +139,11 @@ def counter_normals(halves: torch.Tensor, count: torch.Tensor, elements: torch.T
     Box-Muller kernel for 40 x 3 x 256 x 256 normals took 135 us in float64, 70 us in float32), cast to ``dtype``.
     The largest |z| is sqrt(2 ln 2^24) = 5.77.
 
-    ``noise: counter-fused`` runs it compiled (:func:`utils.device.compiled`: one kernel instead of about 40
-    elementwise ones per draw). Its draws agree with the eager function's to the last bits of float32 (the uniforms
-    are the same; the compiled logarithm and sines may round differently: tests/test_noise.py). Dynamic
-    sizes, so that a prune or a smaller last batch reuses the compile (a static compile took 23 s per particle count
+    ``noise: counter-fused`` runs it compiled (:func:`utils.device.compiled`: a few fused kernels instead of about 40
+    elementwise ones per draw) on the CPU and for float64 draws; on CUDA float32 and narrower draws come from the
+    Triton kernel :func:`cores.counter_kernel.counter_normals_kernel`, the same streams. The compiled draws agree
+    with the eager function's to the last bits of float32 (the uniforms are the same; the compiled logarithm and
+    sines may round differently: tests/test_noise.py). Dynamic sizes, so that a prune or a smaller last batch reuses the compile (a static compile took 23 s per particle count
     on 2 CPU cores, about 15 s on an H100); a draw size of the other parity (odd / even values) compiles once more."""
     u = counter_uniform(halves, count, elements, torch.float64 if dtype == torch.float64 else torch.float32)
     half = elements.shape[0] // 2
@@ -160,8 +161,9 @@ class CounterNoise(ParticleNoise):
     draw counter c; per element j, u_j = (the top 23 bits of h(h(k1 ^ h(j)) ^ k2) + 1/2) / 2^23 (centred in its cell,
     so never 0 or 1); normals by Box-Muller from (u_m, u_m+N/2) for a draw of N values, with h the lowbias32 mixer
     (:func:`hash32`). tests/test_noise.py checks the moments, normality, uniformity and independence across particles
-    and draws. ``fused`` (``noise: counter-fused``) draws the normals with :func:`counter_normals` compiled: the same
-    streams (to float32 rounding), in one kernel (on CUDA a Triton kernel, :mod:`cores.counter_kernel`).
+    and draws. ``fused`` (``noise: counter-fused``): on CUDA, float32 and narrower draws come from one Triton kernel
+    (:mod:`cores.counter_kernel`); float64 and CPU draws from :func:`counter_normals` compiled by inductor; the same
+    streams to float32 rounding.
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu",
@@ -200,11 +202,11 @@ class CounterNoise(ParticleNoise):
         self._draws += 1
         return count_now
 
-    def _hashed(self, count: int) -> torch.Tensor:
-        """h(j) of the element indices j < ``count``, once per draw size."""
-        if count not in self._elements:
-            self._elements[count] = hash32(torch.arange(count, dtype=torch.int64, device=self.device))
-        return self._elements[count]
+    def _hashed(self, size: int) -> torch.Tensor:
+        """h(j) of the element indices j < ``size``, once per draw size."""
+        if size not in self._elements:
+            self._elements[size] = hash32(torch.arange(size, dtype=torch.int64, device=self.device))
+        return self._elements[size]
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal noise of shape (num_particles, *shape). Fused on CUDA: float32 and narrower draws come from
@@ -213,7 +215,7 @@ class CounterNoise(ParticleNoise):
         n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
         count = self._draw()
         if self.fused and self.device.type == "cuda" and dtype != torch.float64:
-            from cores.counter_kernel import counter_normals_kernel
+            from cores.counter_kernel import counter_normals_kernel  # here: Triton is imported only where it runs
 
             return counter_normals_kernel(self._halves, count, n, dtype).reshape(len(self), *shape)
         normals = compiled(counter_normals) if self.fused else counter_normals
@@ -246,7 +248,7 @@ NOISE = {"generator": ParticleNoise, "counter": CounterNoise,
 
 
 def auto_kind(device: torch.device | str) -> str:
-    """What ``noise: auto`` means on ``device``: counter-fused on CUDA, where one compiled draw replaces a ``randn``
+    """What ``noise: auto`` means on ``device``: counter-fused on CUDA, where one fused draw replaces a ``randn``
     launch per particle (H100, 400 particles of 32 x 32: 0.138 vs 6.08 ms per draw, docs/benchmarks.md); generator
     elsewhere: on the CPU the compile (about 35 s per shape) costs the demo and the tests more than it saves, and
     torch_xla has no fused draw."""
@@ -255,7 +257,8 @@ def auto_kind(device: torch.device | str) -> str:
 
 def particle_noise(kind: str, seeds: Sequence[int], device: torch.device | str) -> ParticleNoise:
     """The per-particle streams of ``kind`` (``noise`` in configs/default.yaml): generator (one torch.Generator per
-    particle), counter (:class:`CounterNoise`) or counter-fused (the same streams, drawn by one compiled kernel)."""
+    particle), counter (:class:`CounterNoise`) or counter-fused (the same streams, drawn by fused kernels: a Triton
+    kernel on CUDA, an inductor-compiled one elsewhere)."""
     if kind not in NOISE:
         raise ValueError(f"noise must be one of {', '.join(NOISE)}, got {kind!r}")
     return NOISE[kind](seeds, device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cores.models import build_model
-from cores.noise import ParticleNoise
+from cores.noise import ParticleNoise, particle_noise
 from cores.operators import PhaseRetrieval
 from sampler import build_sampler
 from utils.device import forbid_sync
@@ -19,16 +19,20 @@ ODE = {"name": "edm", "num_steps": 2, "sigma_min": 0.01}
 MCMC = {"num_steps": 4, "lr": 1e-4, "tau": 0.05, "lr_min_ratio": 0.1}
 
 
-@pytest.mark.parametrize("kind, algo", [("pixel", "hmc"), ("pixel", "mala"), ("latent", "hmc_mh")])
-def test_loop_syncs_only_through_to_host(kind, algo, pixel_model_dir, latent_model_dir):
+@pytest.mark.parametrize("kind, algo, noise_kind", [("pixel", "hmc", "generator"), ("pixel", "hmc", "counter-fused"),
+                                                ("pixel", "mala", "generator"), ("latent", "hmc_mh", "generator")])
+def test_loop_syncs_only_through_to_host(kind, algo, noise_kind, pixel_model_dir, latent_model_dir):
+    """No synchronising CUDA call and nothing compiled inside sampling, with per-particle generators and with the
+    default CUDA streams (counter-fused: the Triton draw)."""
     dev = torch.device("cuda")
     d = build_model({"name": "diffusers", "path": str(pixel_model_dir if kind == "pixel" else latent_model_dir)}, dev)
     s = build_sampler({"annealing_scheduler_config": ANNEAL, "diffusion_scheduler_config": ODE,
                        "latent": kind == "latent"}, {**MCMC, "mc_algo": algo})
     op = PhaseRetrieval().to(dev)
     y = op(torch.rand(1, 3, 16, 16, device=dev) * 2 - 1).expand(4, -1, -1, -1).clone()
-    noise = ParticleNoise([1, 2, 3, 4], dev)
-    s.warm_up(d, op, ParticleNoise([5, 6, 7, 8], dev), dev)  # the fused kernels compile here, as before a run's clock
+    noise = particle_noise(noise_kind, [1, 2, 3, 4], dev)
+    # the fused kernels compile here, as before a run's clock
+    s.warm_up(d, op, particle_noise(noise_kind, [5, 6, 7, 8], dev), dev)
     particles = s.particles(y, noise, d.in_shape, dev)
     torch.cuda.synchronize()
     graphs = dict(torch._dynamo.utils.counters["stats"])
@@ -83,32 +87,45 @@ def test_cli_on_cuda_records_peak_memory(tmp_path):
 
 def test_channels_last_networks_compile_without_graph_breaks(pixel_model_dir, latent_model_dir):
     """``channels_last`` + ``compile``: the UNet (and the decoder's forward and backward) trace as whole graphs on this
-    device's torch (the device's torch 2.11 broke the graph at ``max(..., default=)`` in a group norm, which the CPU's
-    torch 2.14 traces: a graph break per norm made the ADM UNet 3x slower)."""
+    device's torch. (An uncommitted group norm of the ninth session used ``max(..., default=)``, which the device's
+    torch 2.11 broke the graph at and the CPU's torch 2.14 traces: a graph break per norm made the ADM UNet 3x
+    slower, docs/benchmarks.md.)"""
     dev = torch.device("cuda")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for path in (pixel_model_dir, latent_model_dir):
         d = build_model({"name": "diffusers", "path": str(path), "dtype": "bfloat16", "channels_last": True,
                          "compile": "default"}, dev)
+        assert d.compiled == "default"
         x = torch.randn(2, *d.in_shape, device=dev)
         with torch.no_grad():
             d.denoise(x, 1.0)
         if d.latent:
             z = x.detach().requires_grad_(True)
             torch.autograd.grad(d.decode(z).sum(), z)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # the UNets and the decoder: compiled
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
 
 
 def test_fused_counter_draws_on_cuda_are_the_eager_draws():
     """noise=counter-fused on CUDA (the Triton kernel for float32, the compiled torch function for float64): the eager
-    CPU streams' numbers to float32 rounding, through a select and a reseed."""
+    CPU streams' numbers to float32 rounding, through a select and a reseed; one value per particle (Triton makes a
+    size of 1 a constant); bfloat16 and float16 draws are the float32 draws rounded to nearest."""
+    from unittest import mock
+
+    import cores.counter_kernel as kernel
     from cores.noise import CounterNoise, particle_seed
 
     seeds = [particle_seed(3, i, k) for i in range(3) for k in range(2)]
     gpu, cpu = CounterNoise(seeds, "cuda", fused=True), CounterNoise(seeds)
-    for shape in ((3, 17, 19), (1, 2048 * 2 + 1)):
-        torch.testing.assert_close(gpu.randn(shape).cpu(), cpu.randn(shape), rtol=2e-6, atol=2e-6)
+    with mock.patch.object(kernel, "counter_normals_kernel", wraps=kernel.counter_normals_kernel) as launched:
+        for shape in ((3, 17, 19), (1, 2048 * 2 + 1), (1,)):
+            torch.testing.assert_close(gpu.randn(shape).cpu(), cpu.randn(shape), rtol=2e-6, atol=2e-6)
+        assert launched.call_count == 3
     gpu, cpu = gpu.select([5, 0, 2]).reseed({1: 11}), cpu.select([5, 0, 2]).reseed({1: 11})
     torch.testing.assert_close(gpu.randn((4, 4)).cpu(), cpu.randn((4, 4)), rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(gpu.randn((5,), torch.float64).cpu(), cpu.randn((5,), torch.float64))
+    halves, count = gpu._halves, gpu._draw()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(kernel.counter_normals_kernel(halves, count, 1001, dtype),
+                           kernel.counter_normals_kernel(halves, count, 1001).to(dtype))
