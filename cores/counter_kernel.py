@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from utils.device import launch_on
+
 BLOCK = 1024  # pairs per program
 
 
@@ -78,6 +80,6 @@ def counter_normals_kernel(halves: torch.Tensor, count: torch.Tensor, n: int,
                          "use noise=counter (the torch function) for draws this large")
     out = torch.empty((halves.shape[0], n), dtype=dtype, device=halves.device)
     if out.numel():
-        with torch.cuda.device(halves.device if halves.is_cuda else -1):  # -1: stay (the interpreter's CPU tensors)
+        with launch_on(halves.device):
             _counter_normals[(halves.shape[0], blocks)](halves, count, out, n, half, BLOCK=BLOCK)
     return out

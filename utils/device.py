@@ -170,6 +170,14 @@ def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def launch_on(device: torch.device) -> Iterator[None]:
+    """Make ``device`` the current CUDA device for launches that go to the current one (a Triton kernel's); a no-op
+    for other devices (the CPU tensors of Triton's interpreter in the tests)."""
+    with torch.cuda.device(device if device.type == "cuda" else -1):
+        yield
+
+
+@contextlib.contextmanager
 def allow_sync() -> Iterator[None]:
     """Suspend CUDA's sync debug mode (set by tests to catch hidden synchronisations) inside the block."""
     if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
