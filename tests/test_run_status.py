@@ -25,16 +25,18 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 
 import utils.results
 from posterior_sample import Run
 from scripts.parse_metrics import run_status
-from utils.build import UserError, build_run
+from utils.build import KeptForSweep, UserError, build_run
 from utils.config import CONFIGS
 from utils.folder import MARKER
 from utils.observer import RunLog
@@ -515,6 +517,41 @@ def test_ctrl_c_on_a_parallel_sweep_leaves_every_job_interrupted_and_resume_comp
     assert r.returncode == 0, r.stderr[-3000:]
     assert [(job(tmp_path, n)["status"], job(tmp_path, n)["num_images_done"]) for n in range(2)] == \
         [("complete", 3)] * 2
+
+
+def test_sequential_sweep_jobs_reuse_the_last_jobs_model_only_for_the_same_config(tmp_path):
+    r = sweep(tmp_path, "model.component_std=0.05,0.07", "seed=1,2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted((tmp_path / "sw").glob("run*"))
+    stds = [yaml.safe_load((p / "config.yaml").read_text())["model"]["component_std"] for p in jobs]
+    reused = ["the model built by an earlier job of this process is reused" in (p / "run.log").read_text()
+              for p in jobs]
+    assert len(jobs) == 4 and reused == [False] + [a == b for a, b in zip(stds, stds[1:])]
+    assert any(reused) and not all(reused[1:])
+    assert all("the evaluator built by an earlier job" in (p / "run.log").read_text() for p in jobs[1:])
+    last = yaml.safe_load((jobs[-1] / "config.yaml").read_text())
+    alone = tmp_path / "alone"
+    args = [a for a in sweep_args(tmp_path, f"model.component_std={last['model']['component_std']}",
+                                  f"seed={last['seed']}") if a not in ("-m", "name=sw")]
+    r = cli([*args, "name=alone"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reused" not in (alone / "run.log").read_text()
+    assert reused[-1] and stable(alone)["images"] == stable(jobs[-1])["images"]
+
+
+def test_kept_for_sweep_builds_again_for_another_key_and_releases_the_old_object():
+    kept, built, old = KeptForSweep(), [], []
+
+    def build(tag):
+        built.append((tag, [ref() is None for ref in old]))  # whether the object built before is released by now
+        return torch.nn.Linear(1, 1)
+    first = kept.take("model", {"a": 1}, lambda: build("a"))
+    assert kept.take("model", {"a": 1}, lambda: build("again")) is first
+    old.append(weakref.ref(first))
+    del first
+    second = kept.take("model", {"a": 2}, lambda: build("b"))
+    assert kept.take("model", {"a": 2}, lambda: build("c")) is second
+    assert built == [("a", []), ("b", [True])]
 
 
 @pytest.mark.parametrize("launcher", ["hydra/launcher=local", "hydra/launcher=submitit_local"])

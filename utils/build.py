@@ -7,9 +7,11 @@ are the pure checks of the results folder's name and of a resumed run's config (
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -56,6 +58,7 @@ class RunParts:
     evaluator: Evaluator
     root: Path
     shard: list[int]
+    started_unix: float = field(default_factory=time.time)  # when build_run began: the job's start in a sweep
 
     @property
     def particles_per_image(self) -> int:
@@ -95,6 +98,42 @@ def _step(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except (ValueError, FileNotFoundError, NotImplementedError, TypeError, KeyError) as err:
         raise UserError(f"{what}: {err}") from err
+
+
+class KeptForSweep:
+    """What a sweep's job built that the next job in the same process takes as it is, when built from the same config.
+
+    Hydra's default launcher runs a sweep's (``-m``) jobs one after another in one process (joblib's workers also
+    take several jobs each): a job whose model config and device equal the last job's takes that model as built,
+    its weights loaded and its networks compiled for the shapes seen so far, and likewise the evaluator (LPIPS'
+    network) for the same metrics, device and image size. One object per role is kept: a job with another config
+    releases the kept one before building its own (device memory). A model keeps no state between runs (labels are
+    set and cleared around every ``sample``; the network call counters are the sampler's own). Single runs keep
+    nothing."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, tuple[str, Any]] = {}
+
+    def take(self, role: str, key: Any, build: Callable[[], Any]) -> Any:
+        """The object kept for ``role`` if it was built under ``key`` (compared as JSON), else ``build()``, kept."""
+        text = json.dumps(key, sort_keys=True, default=str)
+        held = self.kept.pop(role, None)
+        if held is not None and held[0] == text:
+            log.info("sweep: the %s built by an earlier job of this process is reused (same config)", role)
+            obj = held[1]
+        else:
+            del held
+            obj = build()
+        self.kept[role] = (text, obj)
+        return obj
+
+
+KEPT = KeptForSweep()
+
+
+def sweep_reuse(role: str, key: Any, build: Callable[[], Any]) -> Any:
+    """``build()``, or in a sweep's job the object an earlier job of this process built under the same ``key``."""
+    return KEPT.take(role, key, build) if sweep_job() else build()
 
 
 def check_name(name: Any) -> None:
@@ -179,7 +218,10 @@ def hydra_choices() -> tuple[Mapping[str, str | None], Sequence[Path]]:
 
 def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
               search: Sequence[Path] | None = None) -> RunParts:
-    """Check the config and build every part of the run (nothing is sampled, no file is written)."""
+    """Check the config and build every part of the run (nothing is sampled, no file is written). In a sweep's job
+    the model and evaluator of the previous job in this process are reused when their configs match
+    (:class:`KeptForSweep`)."""
+    started = time.time()
     check_name(cfg.get("name"))
     if cfg.get("overwrite") and cfg.get("resume"):
         raise UserError("overwrite=true and resume=true contradict each other: resume=true continues the run in "
@@ -212,12 +254,15 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None] | None = None,
     operator = _step(f"operator (task.{cfg.task_group}.operator)", build_operator, group["operator"], cfg.seed)
     operator = operator.to(device)
     _step("operator input", operator.check_input, shape)
-    model = _step("model", build_model, model_cfg, device)
+    model = sweep_reuse("model", [model_cfg, str(device)], lambda: _step("model", build_model, model_cfg, device))
     if tuple(model.image_shape) != shape:
         raise UserError(f"data images are {shape} (C, H, W) but the model expects {model.image_shape}: "
                         f"choose data with the model's resolution and channels (data.resolution, data.channels)")
     _step("sampler", sampler.check, model, cfg.num_samples)
-    evaluator = _step("eval_fn_list", Evaluator, list(cfg.eval_fn_list), eager_device(device), shape)
+    metrics, eval_device = list(cfg.eval_fn_list), eager_device(device)
+    evaluator = sweep_reuse("evaluator", [metrics, str(eval_device), shape],
+                            lambda: _step("eval_fn_list", Evaluator, metrics, eval_device, shape))
     n = len(dataset)
     shard = list(range(n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world))
-    return RunParts(cfg, dist, device, dataset, operator, model, sampler, evaluator, results_folder(cfg), shard)
+    return RunParts(cfg, dist, device, dataset, operator, model, sampler, evaluator, results_folder(cfg), shard,
+                    started)

@@ -362,7 +362,8 @@ class RunResults:
         finished = prev.get("finished_wall_sec", 0.0) + max(r["finished_wall_sec"] for r in ranks)
         finished_sampling = prev.get("finished_sampling_sec", 0.0) + max(r["finished_sampling_sec"] for r in ranks)
         who = process()
-        attempt = {"started_unix": self.started_unix, "status": status, "wall_sec": max(r["wall_sec"] for r in ranks),
+        attempt = {"job_started_unix": self.parts.started_unix, "started_unix": self.started_unix, "status": status,
+                   "wall_sec": max(r["wall_sec"] for r in ranks),
                    "images_done": sum(r["images_done"] for r in ranks), "pid": who["pid"], "host": who["host"]}
         out: dict[str, Any] = {"status": status, **who}
         if error is not None:
