@@ -187,3 +187,42 @@ def test_existing_results_are_not_overwritten(tmp_path):
     assert (tmp_path / "once" / "metrics.json").stat().st_mtime_ns == stamp
     r = cli([*args, "overwrite=true"])
     assert r.returncode == 0 and f"overwrite=true: removing {tmp_path / 'once'}" in r.stderr
+
+
+TEARDOWN_PROBE = """
+import atexit, os, pathlib, sys, threading, time
+sys.path.insert(0, sys.argv[2])
+import posterior_sample
+out = pathlib.Path(sys.argv[1])
+class Probe:  # writes into its file in the interpreter's teardown of this module, if there is one
+    def __init__(self, path):
+        self.fd, self.write = os.open(path, os.O_CREAT | os.O_WRONLY), os.write  # builtins are gone by then
+    def __del__(self):
+        self.write(self.fd, b"ran")
+probe = Probe(out / "teardown")
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("ran"))).start()
+if sys.argv[3] == "profiled":
+    sys.setprofile(lambda *a: None)
+print("flushed?", end="")
+posterior_sample.exit_without_teardown()
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "profiled"])
+def test_exit_without_teardown_runs_threads_and_exit_handlers_and_skips_teardown_unless_profiled(tmp_path, mode):
+    r = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, str(tmp_path), str(ROOT), mode], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "flushed?", r.stderr[-2000:]
+    ran = sorted(p.name for p in tmp_path.iterdir() if p.read_text() == "ran")
+    assert ran == (["atexit", "thread"] if mode == "plain" else ["atexit", "teardown", "thread"])
+
+
+def test_a_run_under_cprofile_writes_its_profile(tmp_path):
+    prof = tmp_path / "run.prof"
+    r = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), str(ROOT / "posterior_sample.py"),
+                        "+data=gmm-toy", "+model=gmm_toy", "+task=phase_retrieval", "+sampler=edm_daps",
+                        "data.end_id=1", "eval_fn_list=[psnr]", *FAST, f"save_dir={tmp_path}", "name=r"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "complete: 1 image(s)" in r.stderr and prof.is_file() and prof.stat().st_size > 0
