@@ -22,6 +22,7 @@ as failed in its folder and the other jobs still run.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ from omegaconf import DictConfig
 from cores.noise import measurement_seed, particle_noise, particle_seed
 from sampler import ParticleId, start_particles
 from utils import folder
-from utils.build import RunParts, UserError, build_run, results_folder, sweep_job
+from utils.build import KEPT, RunParts, UserError, build_run, results_folder, sweep_job
 from utils.device import barrier, eager_device, gather, shutdown, synchronize
 from utils.events import EventLog, PhaseTimer
 from utils.observer import RunLog, RunObserver, setup_logging
@@ -349,9 +350,9 @@ class Run:
         return status
 
 
-def refused(cfg: DictConfig, err: UserError, run_log: RunLog) -> None:
+def refused(cfg: DictConfig, err: UserError, run_log: RunLog) -> str:
     """A run refused before sampling: one error line and exit 2; a sweep job is also recorded as failed in its own
-    folder (when that folder is new) and the other jobs still run."""
+    folder (when that folder is new), and its error for Hydra is returned (the other jobs still run)."""
     log.error("%s", err)
     if not sweep_job():
         run_log.close()
@@ -363,13 +364,12 @@ def refused(cfg: DictConfig, err: UserError, run_log: RunLog) -> None:
     except UserError as unwritable:
         log.error("%s", unwritable)
     run_log.close()
-    raise JobFailed(f"{root}: {err}")
+    return f"{root}: {err}"
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="default")
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    run_log = RunLog()
+def start_and_execute(cfg: DictConfig, run_log: RunLog) -> tuple[int, str | None]:
+    """Build, open and execute the run: its exit code and, for a sweep's job that was refused or failed, its error.
+    Only a complete job hands its model on to the next job of a sweep (:class:`utils.build.KeptForSweep`)."""
     try:
         parts = build_run(cfg)
         if not parts.dist.main:
@@ -377,10 +377,21 @@ def main(cfg: DictConfig) -> None:
         run = Run(parts, run_log)
         run.open()
     except UserError as err:
-        refused(cfg, err, run_log)
+        KEPT.clear()
+        return EXIT_REFUSED, refused(cfg, err, run_log)
     code = run.execute()
-    if code == EXIT_FAILED and sweep_job():
-        raise JobFailed(f"{parts.root}: failed (the error is in its metrics.json and run.log)")
+    if code:
+        KEPT.clear()
+    failed = code == EXIT_FAILED and sweep_job()
+    return code, f"{parts.root}: failed (the error is in its metrics.json and run.log)" if failed else None
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="default")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    code, error = start_and_execute(cfg, RunLog())
+    if error is not None:  # raised here, where no frame holds the job's parts: Hydra keeps a sweep's errors to its end
+        raise JobFailed(error)
     if code:
         sys.exit(code)
 
@@ -398,13 +409,18 @@ def exit_without_teardown() -> NoReturn:
     workers, logging, torch_xla's client), then end, skipping the teardown of every module and of torch's objects,
     which took about 1 s after a run on this project's 2-core CPU machine and more on the H100's host
     (docs/benchmarks.md, "Tenth session"). A run that fails or is interrupted, or one under a profiler or coverage
-    tool (:func:`observed`), exits the usual way."""
-    if observed():
+    tool (:func:`observed`), or with ``POSTERIOR_SAMPLE_FULL_EXIT=1`` in the environment (a memory tracker that writes
+    its output at the interpreter's end), exits the usual way."""
+    if observed() or os.environ.get("POSTERIOR_SAMPLE_FULL_EXIT") == "1":
         sys.exit(0)
     threading._shutdown()  # what the interpreter's exit does first (Py_FinalizeEx), then the atexit handlers
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ctypes.CDLL(None).fflush(None)  # C stdio's buffers too (NCCL's or XLA's log lines when piped)
+    except (OSError, TypeError, AttributeError):  # a closed pipe; a platform without a C library handle
+        pass
     os._exit(0)
 
 

@@ -73,6 +73,9 @@ def measure_sweep(code: Path, overrides: list[str], sweep: list[str], save: Path
     if not timings or "job_started_unix" not in timings[0]["attempts"][-1]:
         sys.exit(f"bench_daps: {code} writes no job_started_unix in timing.json: --sweep needs a newer version")
     bounds = [start, *[t["attempts"][-1]["job_started_unix"] for t in timings[1:]], end]
+    if any(b <= a for a, b in zip(bounds, bounds[1:])):
+        sys.exit("bench_daps: the sweep's jobs overlapped (a parallel launcher?): --sweep times jobs that run one "
+                 "after another in one process (Hydra's default launcher)")
     return [{"job": k, **fields(t, bounds[k + 1] - bounds[k]), **stages(t, bounds[k], bounds[k + 1])}
             for k, t in enumerate(timings)]
 

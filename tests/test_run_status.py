@@ -33,10 +33,11 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+import posterior_sample
 import utils.results
 from posterior_sample import Run
 from scripts.parse_metrics import run_status
-from utils.build import KeptForSweep, UserError, build_run
+from utils.build import KEPT, KeptForSweep, UserError, build_run
 from utils.config import CONFIGS
 from utils.folder import MARKER
 from utils.observer import RunLog
@@ -520,7 +521,8 @@ def test_ctrl_c_on_a_parallel_sweep_leaves_every_job_interrupted_and_resume_comp
 
 
 def test_sequential_sweep_jobs_reuse_the_last_jobs_model_only_for_the_same_config(tmp_path):
-    r = sweep(tmp_path, "model.component_std=0.05,0.07", "seed=1,2")
+    args = [a for a in sweep_args(tmp_path, "model.component_std=0.05,0.07", "seed=1,2") if not a.startswith("eval_")]
+    r = cli([*args, "eval_fn_list=[psnr,lpips]"], timeout=600)  # LPIPS is unavailable at 16 x 16: a build warning
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = sorted((tmp_path / "sw").glob("run*"))
     stds = [yaml.safe_load((p / "config.yaml").read_text())["model"]["component_std"] for p in jobs]
@@ -529,24 +531,40 @@ def test_sequential_sweep_jobs_reuse_the_last_jobs_model_only_for_the_same_confi
     assert len(jobs) == 4 and reused == [False] + [a == b for a, b in zip(stds, stds[1:])]
     assert any(reused) and not all(reused[1:])
     assert all("the evaluator built by an earlier job" in (p / "run.log").read_text() for p in jobs[1:])
+    assert all("lpips unavailable" in (p / "run.log").read_text() for p in jobs)
     last = yaml.safe_load((jobs[-1] / "config.yaml").read_text())
     alone = tmp_path / "alone"
     args = [a for a in sweep_args(tmp_path, f"model.component_std={last['model']['component_std']}",
-                                  f"seed={last['seed']}") if a not in ("-m", "name=sw")]
-    r = cli([*args, "name=alone"])
+                                  f"seed={last['seed']}") if a not in ("-m", "name=sw") and not a.startswith("eval_")]
+    r = cli([*args, "name=alone", "eval_fn_list=[psnr,lpips]"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reused" not in (alone / "run.log").read_text()
     assert reused[-1] and stable(alone)["images"] == stable(jobs[-1])["images"]
 
 
-def test_kept_for_sweep_builds_again_for_another_key_and_releases_the_old_object():
+def test_a_job_that_fails_hands_nothing_on_to_the_next_job_of_a_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(posterior_sample.Run, "execute", lambda self: posterior_sample.EXIT_FAILED)
+    KEPT.take("model", "earlier job", lambda: torch.nn.Linear(1, 1))
+    run_log = RunLog()
+    try:
+        assert posterior_sample.start_and_execute(compose_run(f"save_dir={tmp_path}", "name=r"), run_log) == \
+            (posterior_sample.EXIT_FAILED, None)  # outside a sweep: no error for Hydra
+    finally:
+        run_log.close()
+    assert KEPT.kept == {}
+
+
+def test_kept_for_sweep_builds_again_for_another_key_and_releases_the_old_object(caplog):
     kept, built, old = KeptForSweep(), [], []
 
     def build(tag):
         built.append((tag, [ref() is None for ref in old]))  # whether the object built before is released by now
+        logging.getLogger("posterior_sample").warning("built %s", tag)
         return torch.nn.Linear(1, 1)
     first = kept.take("model", {"a": 1}, lambda: build("a"))
-    assert kept.take("model", {"a": 1}, lambda: build("again")) is first
+    with caplog.at_level(logging.INFO):
+        assert kept.take("model", {"a": 1}, lambda: build("again")) is first
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == ["built a", "built a"]
     old.append(weakref.ref(first))
     del first
     second = kept.take("model", {"a": 2}, lambda: build("b"))

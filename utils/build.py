@@ -106,13 +106,14 @@ class KeptForSweep:
     Hydra's default launcher runs a sweep's (``-m``) jobs one after another in one process (joblib's workers also
     take several jobs each): a job whose model config and device equal the last job's takes that model as built,
     its weights loaded and its networks compiled for the shapes seen so far, and likewise the evaluator (LPIPS'
-    network) for the same metrics, device and image size. One object per role is kept: a job with another config
-    releases the kept one before building its own (device memory). A model keeps no state between runs (labels are
-    set and cleared around every ``sample``; the network call counters are the sampler's own). Single runs keep
-    nothing."""
+    network) for the same metrics, device and image size; the warnings logged while building it are logged again, so
+    that every job's run.log has them. One object per role is kept: a job with another config lets go of the kept one
+    before building its own (device memory). Only a job that completes hands its objects on (posterior_sample.py
+    clears them after any other outcome: a ``sample`` that raised may leave class labels set on the model). Single
+    runs keep nothing."""
 
     def __init__(self) -> None:
-        self.kept: dict[str, tuple[str, Any]] = {}
+        self.kept: dict[str, tuple[str, Any, list[logging.LogRecord]]] = {}
 
     def take(self, role: str, key: Any, build: Callable[[], Any]) -> Any:
         """The object kept for ``role`` if it was built under ``key`` (compared as JSON), else ``build()``, kept."""
@@ -120,12 +121,34 @@ class KeptForSweep:
         held = self.kept.pop(role, None)
         if held is not None and held[0] == text:
             log.info("sweep: the %s built by an earlier job of this process is reused (same config)", role)
-            obj = held[1]
+            obj, warnings = held[1], held[2]
+            for record in warnings:
+                logging.getLogger(record.name).handle(record)
         else:
-            del held
-            obj = build()
-        self.kept[role] = (text, obj)
+            del held  # the last reference to the object of another config: freed before the build
+            warnings = Warnings()
+            logging.getLogger().addHandler(warnings)
+            try:
+                obj = build()
+            finally:
+                logging.getLogger().removeHandler(warnings)
+            warnings = warnings.records
+        self.kept[role] = (text, obj, warnings)
         return obj
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+
+class Warnings(logging.Handler):
+    """The warning records logged while it is attached to a logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 KEPT = KeptForSweep()
