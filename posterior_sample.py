@@ -377,13 +377,14 @@ def start_and_execute(cfg: DictConfig, run_log: RunLog) -> tuple[int, str | None
         run = Run(parts, run_log)
         run.open()
     except UserError as err:
-        KEPT.clear()
-        return EXIT_REFUSED, refused(cfg, err, run_log)
-    code = run.execute()
+        code, error = EXIT_REFUSED, refused(cfg, err, run_log)
+    else:
+        code = run.execute()
+        failed = code == EXIT_FAILED and sweep_job()
+        error = f"{parts.root}: failed (the error is in its metrics.json and run.log)" if failed else None
     if code:
         KEPT.clear()
-    failed = code == EXIT_FAILED and sweep_job()
-    return code, f"{parts.root}: failed (the error is in its metrics.json and run.log)" if failed else None
+    return code, error
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="default")

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -58,7 +58,7 @@ class RunParts:
     evaluator: Evaluator
     root: Path
     shard: list[int]
-    started_unix: float = field(default_factory=time.time)  # when build_run began: the job's start in a sweep
+    started_unix: float  # when build_run began: the job's start in a sweep
 
     @property
     def particles_per_image(self) -> int:
