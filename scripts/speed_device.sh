@@ -11,6 +11,7 @@
 #   px_bf16     this checkout, pixel prior: FAST (A) against FAST + the UNet in bf16, channels_last, compiled (B):
 #               the same random numbers, so the pair is the fast networks' quality check (EVAL="[psnr,ssim,lpips]")
 #   ldm_bf16    the same on the latent prior (the UNet and the decoder in bf16, channels_last, compiled)
+#   ldm_fp16    the same in float16 (10 mantissa bits, as TF32, against bfloat16's 7; range up to 65504)
 #   px_fp32c    the control of px_bf16: FAST (A) against FAST + the UNet compiled in float32 (B), the same random
 #               numbers: how far rounding alone moves the metrics (B without channels_last, as run in session 3)
 #   ldm_fp32c   the same on the latent prior, B with channels_last (the decoder's layout rewrite) as in ldm_bf16's B:
@@ -51,6 +52,7 @@ source "$(dirname "$0")/device_run.sh"
 device_args "$1" "$2" "${3:-20}" "${4:-all}"
 FAST=${FAST:-noise=counter-fused}
 BF16="model.dtype=bfloat16 +model.channels_last=true model.compile=default"
+FP16="model.dtype=float16 +model.channels_last=true model.compile=default"
 REPEATS=${REPEATS:-2}
 PIXEL="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
 LATENT="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
@@ -83,6 +85,7 @@ bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
 bench px_bf16 "$PIXEL" --a "$FAST" --b "$FAST $BF16"
 bench ldm_bf16 "$LATENT" --a "$FAST" --b "$FAST $BF16"
+bench ldm_fp16 "$LATENT" --a "$FAST" --b "$FAST $FP16"
 bench px_fp32c "$PIXEL" --a "$FAST" --b "$FAST model.compile=default"
 bench ldm_fp32c "$LATENT" --a "$FAST" --b "$FAST +model.channels_last=true model.compile=default"
 random_model() {  # random_model MODEL: configs/model/MODEL.yaml's architecture with random weights in $SAVE/rand/MODEL
