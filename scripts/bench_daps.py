@@ -83,7 +83,10 @@ def measure_sweep(code: Path, overrides: list[str], sweep: list[str], save: Path
 def stages(timing: dict[str, Any], begin: float, end: float) -> dict[str, Any]:
     """Where a run's (or a sweep job's) time from ``begin`` to ``end`` went, in seconds: before its parts were built
     (the process's imports and Hydra), building them, the run's clock up to its final timing.json outside sampling, and
-    after it (the grid, Hydra's end of the job, the next job's start; the process's exit for the last)."""
+    after it (the grid, Hydra's end of the job, the next job's start; the process's exit for the last). A timing.json
+    of an older commit (af9e5f8 and before) records none of these clocks: each is None."""
+    if "attempts" not in timing:
+        return dict.fromkeys(STAGES)
     attempt = timing["attempts"][-1]
     job = attempt.get("job_started_unix", attempt["started_unix"])
     written = timing["heartbeat_unix"]
@@ -103,6 +106,11 @@ def fields(timing: dict[str, Any], wall: float) -> dict[str, Any]:
             "end_to_end_s": wall, "outside_vs_sampling": (wall - sampling) / sampling if sampling else None,
             "peak_GB": max(peaks) / 1e9 if peaks else None,
             "particle_nfe_per_s": nfe / sampling if sampling and nfe else None}
+
+
+def cells(row: dict[str, Any], keys: tuple[str, ...], digits: str) -> str:
+    """A table row's cells: each value with ``digits`` (a format spec), n/a where it is None."""
+    return " | ".join("n/a" if row[k] is None else format(row[k], digits) for k in keys)
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -142,22 +150,19 @@ def main() -> None:
             for row in rows:
                 row["repeat"] = k
                 runs[side].append(row)
-                print(f"| {side} | {k} | {row.get('job', '-')} | "
-                      + " | ".join("n/a" if row[f] is None else f"{row[f]:.4g}" for f in FIELDS) + " |", flush=True)
+                print(f"| {side} | {k} | {row.get('job', '-')} | {cells(row, FIELDS, '.4g')} |", flush=True)
     counted = {side: [r for r in rows if r.get("job", 1) > 0] for side, rows in runs.items()}
     medians = {side: {f: median(rows, f) for f in FIELDS} for side, rows in counted.items()}
     print("\n| median" + (" (jobs after the first)" if sweep else "") + " | " + " | ".join(FIELDS) + " |\n|" + "---|" * (len(FIELDS) + 1))
     for side in ("A", "B"):
-        print(f"| {side} | " + " | ".join("n/a" if medians[side][f] is None else f"{medians[side][f]:.4g}"
-                                          for f in FIELDS) + " |")
+        print(f"| {side} | {cells(medians[side], FIELDS, '.4g')} |")
     ratio = {f: (medians["B"][f] / medians["A"][f] if medians["A"][f] and medians["B"][f] is not None else None)
              for f in FIELDS}
-    print("| B / A | " + " | ".join("n/a" if ratio[f] is None else f"{ratio[f]:.3f}" for f in FIELDS) + " |")
+    print(f"| B / A | {cells(ratio, FIELDS, '.3f')} |")
     print("\n| side | repeat | job | " + " | ".join(STAGES) + " |\n|" + "---|" * (len(STAGES) + 3))
     for side, rows in runs.items():
         for row in rows:
-            print(f"| {side} | {row['repeat']} | {row.get('job', '-')} | " + " | ".join(f"{row[f]:.2f}" for f in STAGES)
-                  + " |")
+            print(f"| {side} | {row['repeat']} | {row.get('job', '-')} | {cells(row, STAGES, '.2f')} |")
     print(f"\nA: {shlex.join(sides['A'][1])} (code {sides['A'][0]})\nB: {shlex.join(sides['B'][1])} "
           f"(code {sides['B'][0]})")
     if args.json:

@@ -70,3 +70,18 @@ def test_profile_level_records_one_levels_ode_and_mcmc(tmp_path):
                               *COMMON.split(), f"save_dir={tmp_path}", "name=q"], cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert missing.returncode != 0 and "--level 9 was not reached" in missing.stderr
+
+
+def test_bench_reads_an_older_commits_timing_without_the_stage_clocks():
+    """af9e5f8's timing.json (the issue's baseline) has no attempts or heartbeat: its fields come from the counters it
+    has, its stages are n/a in the table, and nothing raises."""
+    from scripts.bench_daps import STAGES, cells, fields, stages
+
+    old = {"status": "complete", "images_done": 1, "sampling_wall_sec": 0.5, "sampling_per_image_sec": 0.5,
+           "particles_per_image": 2, "network_evals_per_particle": 2, "world_size": 1,
+           "phases": {"explore": {"wall_sec": 0.5, "steps": 2, "peak_memory": {"available": False}}}}
+    row = {**fields(old, 2.0), **stages(old, 100.0, 102.0)}
+    assert row["sampling_s_per_particle"] == 0.25 and row["particle_nfe_per_s"] == 8.0
+    assert row["outside_vs_sampling"] == 3.0 and row["peak_GB"] is None
+    assert all(row[k] is None for k in STAGES)
+    assert cells(row, STAGES, ".2f") == " | ".join(["n/a"] * len(STAGES))
