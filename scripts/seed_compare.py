@@ -3,12 +3,18 @@
 each side's particles pooled over its runs:
 
     python scripts/seed_compare.py --base RUN [RUN ...] --new RUN [RUN ...] [--metrics psnr,psnr_twin_aware,ssim]
+                                   [--paired [--within 0.1]]
 
 A RUN is a results folder or its metrics.json. Per image and side: the mean of the metric over every finished
 particle of every run of that side (particles whose status is not "ok", or whose value is missing or not finite, are
 counted and left out). Prints each run's mean over images (the spread between seeds), then NEW - BASE over the images
 that every run has: its mean and a 95% percentile bootstrap interval over images (10,000 resamples, numpy seed 0).
 One seed per side compares two draws; pooling seeds narrows the interval by the images' seed-to-seed variance.
+
+``--paired``: the k-th BASE run and the k-th NEW run drew the same random numbers (the same seed, another precision or
+compile), so each particle has a twin on the other side (same image, sample and run). Per metric: how far the twins
+end apart (median |NEW - BASE| over the pairs where both are usable), the share within ``--within`` of each other, and
+the share that chose the same twin image of phase retrieval (the particles' ``mode``, where recorded).
 """
 from __future__ import annotations
 
@@ -51,12 +57,40 @@ def per_image(runs: list[dict], metric: str) -> tuple[dict[int, list[float]], in
     return values, dropped
 
 
+def paired(base: list[dict], new: list[dict], metric: str, within: float) -> str | None:
+    """One row of the paired table: the twins' median |difference|, the share within ``within``, the same mode."""
+    gaps, same_mode, modes = [], 0, 0
+    for b_run, n_run in zip(base, new, strict=True):
+        twins = {(int(im["index"]), p.get("sample"), p.get("run")): p for im in n_run["images"] for p in im["particles"]}
+        for image in b_run["images"]:
+            for p in image["particles"]:
+                q = twins.get((int(image["index"]), p.get("sample"), p.get("run")))
+                if q is None or "ok" != p.get("status") or "ok" != q.get("status"):
+                    continue
+                if "mode" in p and "mode" in q:
+                    modes, same_mode = modes + 1, same_mode + (p["mode"] == q["mode"])
+                a, b = p.get(metric), q.get(metric)
+                if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+                    gaps.append(abs(b - a))
+    if not gaps:
+        return None
+    mode = f"{same_mode / modes:.3f}" if modes else "n/a"
+    return (f"| {metric} | {len(gaps)} | {float(np.median(gaps)):.4f} | {np.mean(np.array(gaps) <= within):.3f} | "
+            f"{mode} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", nargs="+", required=True)
     ap.add_argument("--new", nargs="+", required=True)
     ap.add_argument("--metrics", default=DEFAULT_METRICS)
+    ap.add_argument("--paired", action="store_true", help="the k-th runs of both sides share their random numbers: "
+                    "also compare each particle with its twin")
+    ap.add_argument("--within", type=float, default=0.1, help="--paired: the gap counted as ending together")
     args = ap.parse_args()
+    if args.paired and len(args.base) != len(args.new):
+        raise SystemExit(f"--paired pairs the k-th runs: give as many --new runs as --base runs "
+                         f"({len(args.base)} and {len(args.new)})")
     sides = {"BASE": (args.base, [load(r) for r in args.base]), "NEW": (args.new, [load(r) for r in args.new])}
     every = set.intersection(*({int(im["index"]) for im in run["images"]} for _, runs in sides.values() for run in runs))
     print(f"images in every run: {len(every)}")
@@ -85,6 +119,11 @@ def main() -> None:
     print("| metric | runs measured (BASE / NEW) | images | BASE | NEW | NEW - BASE | 95% CI | particles left out "
           "(BASE / NEW: not finished or not finite) |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if args.paired:
+        table = [row for m in args.metrics.split(",") if (row := paired(sides["BASE"][1], sides["NEW"][1], m, args.within))]
+        print(f"\nParticles paired with their twin (same random numbers): run k of BASE with run k of NEW\n"
+              f"| metric | pairs | median abs(NEW - BASE) | share within {args.within:g} | same mode |\n|---|---|---|---|---|")
+        print("\n".join(table))
 
 
 if __name__ == "__main__":
