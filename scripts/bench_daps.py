@@ -70,7 +70,7 @@ def measure_sweep(code: Path, overrides: list[str], sweep: list[str], save: Path
     """One sweep (``-m``, the jobs in one process): a row per job, its wall from its start to the next job's."""
     start, end = launch(code, ["-m", *overrides, *sweep], save)
     timings = [json.loads((job / "timing.json").read_text()) for job in sorted((save / "run").glob("run[0-9]*"))]
-    if not timings or "job_started_unix" not in timings[0]["attempts"][-1]:
+    if not timings or "job_started_unix" not in timings[0].get("attempts", [{}])[-1]:
         sys.exit(f"bench_daps: {code} writes no job_started_unix in timing.json: --sweep needs a newer version")
     bounds = [start, *[t["attempts"][-1]["job_started_unix"] for t in timings[1:]], end]
     if any(b <= a for a, b in zip(bounds, bounds[1:])):
@@ -84,7 +84,7 @@ def stages(timing: dict[str, Any], begin: float, end: float) -> dict[str, Any]:
     """Where a run's (or a sweep job's) time from ``begin`` to ``end`` went, in seconds: before its parts were built
     (the process's imports and Hydra), building them, the run's clock up to its final timing.json outside sampling, and
     after it (the grid, Hydra's end of the job, the next job's start; the process's exit for the last). A timing.json
-    of an older commit (af9e5f8 and before) records none of these clocks: each is None."""
+    without ``attempts`` (older commits, af9e5f8 among them) records none of these clocks: each is None."""
     if "attempts" not in timing:
         return dict.fromkeys(STAGES)
     attempt = timing["attempts"][-1]

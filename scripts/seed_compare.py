@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Compare two sets of runs that differ in their random numbers (other seeds, or another noise kind), per image, with
-each side's particles pooled over its runs:
+"""Compare two sets of runs per image, with each side's particles pooled over its runs (runs that differ in their
+random numbers, or with --paired in another respect under the same random numbers):
 
     python scripts/seed_compare.py --base RUN [RUN ...] --new RUN [RUN ...] [--metrics psnr,psnr_twin_aware,ssim]
                                    [--paired [--within 0.1]]
@@ -12,9 +12,11 @@ that every run has: its mean and a 95% percentile bootstrap interval over images
 One seed per side compares two draws; pooling seeds narrows the interval by the images' seed-to-seed variance.
 
 ``--paired``: the k-th BASE run and the k-th NEW run drew the same random numbers (the same seed, another precision or
-compile), so each particle has a twin on the other side (same image, sample and run). Per metric: how far the twins
-end apart (median |NEW - BASE| over the pairs where both are usable), the share within ``--within`` of each other, and
-the share that chose the same twin image of phase retrieval (the particles' ``mode``, where recorded).
+compile), so each particle has a twin on the other side (same image, sample and run); runs whose recorded seed or
+noise differ are refused. Per metric: how far the twins end apart (median |NEW - BASE| over the pairs finished on
+both sides with finite values) and, for PSNR metrics, the share within ``--within`` dB; then phase retrieval's twin
+images (the particles' ``mode``: 0, 180 or none): the share of pairs in the same mode, and the share swapped between
+0 and 180. Particles without a twin are counted.
 """
 from __future__ import annotations
 
@@ -57,26 +59,51 @@ def per_image(runs: list[dict], metric: str) -> tuple[dict[int, list[float]], in
     return values, dropped
 
 
-def paired(base: list[dict], new: list[dict], metric: str, within: float) -> str | None:
-    """One row of the paired table: the twins' median |difference|, the share within ``within``, the same mode."""
-    gaps, same_mode, modes = [], 0, 0
-    for b_run, n_run in zip(base, new, strict=True):
-        twins = {(int(im["index"]), p.get("sample"), p.get("run")): p for im in n_run["images"] for p in im["particles"]}
-        for image in b_run["images"]:
-            for p in image["particles"]:
-                q = twins.get((int(image["index"]), p.get("sample"), p.get("run")))
-                if q is None or "ok" != p.get("status") or "ok" != q.get("status"):
-                    continue
-                if "mode" in p and "mode" in q:
-                    modes, same_mode = modes + 1, same_mode + (p["mode"] == q["mode"])
-                a, b = p.get(metric), q.get(metric)
-                if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
-                    gaps.append(abs(b - a))
-    if not gaps:
+def twin_pairs(base: list[dict], new: list[dict], names: list[tuple[str, str]]) -> tuple[list[tuple[dict, dict]], int]:
+    """The (BASE, NEW) particle pairs of ``--paired``, both finished ("ok"), over runs paired in order, and how many
+    particles have no twin. Refuses runs whose recorded seed or noise differ and particles without sample / run keys."""
+    pairs, alone = [], 0
+    for b_run, n_run, (b_name, n_name) in zip(base, new, names, strict=True):
+        for key in ("seed", "noise"):
+            if key in b_run and key in n_run and b_run[key] != n_run[key]:
+                raise SystemExit(f"--paired: {b_name} and {n_name} differ in {key} ({b_run[key]} and {n_run[key]}): "
+                                 f"give the --new runs in the order of their --base twins")
+        sides = []
+        for run, name in ((b_run, b_name), (n_run, n_name)):
+            table = {}
+            for image in run["images"]:
+                for p in image["particles"]:
+                    if "sample" not in p or "run" not in p:
+                        raise SystemExit(f"--paired: {name} has particles without sample / run keys")
+                    table[(int(image["index"]), p["sample"], p["run"])] = p
+            sides.append(table)
+        b_side, n_side = sides
+        alone += len(b_side.keys() ^ n_side.keys())
+        pairs += [(p, n_side[k]) for k, p in b_side.items()
+                  if k in n_side and p.get("status") == "ok" and n_side[k].get("status") == "ok"]
+    return pairs, alone
+
+
+def paired_row(pairs: list[tuple[dict, dict]], metric: str, within: float) -> str | None:
+    """One row of the paired table: the twins' median |difference| and, for PSNR metrics, the share within ``within``
+    dB, over the pairs where both values are finite."""
+    gaps = np.array([abs(q[metric] - p[metric]) for p, q in pairs if p.get(metric) is not None
+                     and q.get(metric) is not None and math.isfinite(p[metric]) and math.isfinite(q[metric])])
+    if not gaps.size:
         return None
-    mode = f"{same_mode / modes:.3f}" if modes else "n/a"
-    return (f"| {metric} | {len(gaps)} | {float(np.median(gaps)):.4f} | {np.mean(np.array(gaps) <= within):.3f} | "
-            f"{mode} |")
+    share = f"{np.mean(gaps <= within):.3f}" if metric.startswith("psnr") else "-"
+    return f"| {metric} | {gaps.size} | {float(np.median(gaps)):.4f} | {share} |"
+
+
+def mode_row(pairs: list[tuple[dict, dict]]) -> str:
+    """Phase retrieval's twin images per pair (``mode``: 0, 180 or none, where recorded): the share that kept their
+    mode and the share that swapped between 0 and 180."""
+    modes = [(p["mode"], q["mode"]) for p, q in pairs if "mode" in p and "mode" in q]
+    if not modes:
+        return "| mode | 0 | n/a | n/a |"
+    same = sum(a == b for a, b in modes) / len(modes)
+    swapped = sum({a, b} == {"0", "180"} for a, b in modes) / len(modes)
+    return f"| mode | {len(modes)} | {same:.3f} | {swapped:.3f} |"
 
 
 def main() -> None:
@@ -86,7 +113,7 @@ def main() -> None:
     ap.add_argument("--metrics", default=DEFAULT_METRICS)
     ap.add_argument("--paired", action="store_true", help="the k-th runs of both sides share their random numbers: "
                     "also compare each particle with its twin")
-    ap.add_argument("--within", type=float, default=0.1, help="--paired: the gap counted as ending together")
+    ap.add_argument("--within", type=float, default=0.1, help="--paired: the PSNR gap (dB) counted as ending together")
     args = ap.parse_args()
     if args.paired and len(args.base) != len(args.new):
         raise SystemExit(f"--paired pairs the k-th runs: give as many --new runs as --base runs "
@@ -113,17 +140,21 @@ def main() -> None:
         diff = np.array([np.mean(n[i]) - np.mean(b[i]) for i in common])
         lo, hi = bootstrap(diff)
         rows.append(f"| {metric} | {measured['BASE']} / {measured['NEW']} | {len(common)} | {np.mean([np.mean(b[i]) for i in common]):.4f} | "
-                    f"{np.mean([np.mean(n[i]) for i in common]):.4f} | {diff.mean():+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+                    f"{np.mean([np.mean(n[i]) for i in common]):.4f} | {diff.mean():+.5f} | [{lo:+.5f}, {hi:+.5f}] | "
                     f"{b_drop} / {n_drop} |")
     print(f"\nBASE {len(args.base)} run(s), NEW {len(args.new)} run(s); particles pooled per image over each side's runs")
     print("| metric | runs measured (BASE / NEW) | images | BASE | NEW | NEW - BASE | 95% CI | particles left out "
           "(BASE / NEW: not finished or not finite) |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.paired:
-        table = [row for m in args.metrics.split(",") if (row := paired(sides["BASE"][1], sides["NEW"][1], m, args.within))]
-        print(f"\nParticles paired with their twin (same random numbers): run k of BASE with run k of NEW\n"
-              f"| metric | pairs | median abs(NEW - BASE) | share within {args.within:g} | same mode |\n|---|---|---|---|---|")
+        pairs, alone = twin_pairs(sides["BASE"][1], sides["NEW"][1], list(zip(args.base, args.new)))
+        table = [row for m in args.metrics.split(",") if (row := paired_row(pairs, m, args.within))]
+        print(f"\nParticles paired with their twin (same random numbers): run k of BASE with run k of NEW; "
+              f"{len(pairs)} pairs finished on both sides, {alone} particle(s) without a twin\n"
+              f"| metric | pairs | median abs(NEW - BASE) | share within {args.within:g} dB (PSNR) |\n|---|---|---|---|")
         print("\n".join(table))
+        print("\n| twin image | pairs | same mode (0, 180 or none) | swapped 0 <-> 180 |\n|---|---|---|---|")
+        print(mode_row(pairs))
 
 
 if __name__ == "__main__":

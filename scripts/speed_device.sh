@@ -51,8 +51,7 @@ set -u
 source "$(dirname "$0")/device_run.sh"
 device_args "$1" "$2" "${3:-20}" "${4:-all}"
 FAST=${FAST:-noise=counter-fused}
-BF16="model.dtype=bfloat16 +model.channels_last=true model.compile=default"
-FP16="model.dtype=float16 +model.channels_last=true model.compile=default"
+half() { echo "model.dtype=$1 +model.channels_last=true model.compile=default"; }  # half DTYPE: the fast networks
 REPEATS=${REPEATS:-2}
 PIXEL="+model=fmnist32ddpm +sampler=edm_daps task_group=fmnist_pixel"
 LATENT="+model=fmnist32ldm +sampler=latent_edm_daps task_group=fmnist_ldm"
@@ -83,9 +82,9 @@ bench() {  # bench NAME GROUPS [bench_daps.py options]: one A/B pair of sides
 bench px_base "$PIXEL" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench ldm_base "$LATENT" --a-code "${BASE_CODE:-.}" --b "$FAST"
 bench px_noise "$PIXEL" --a noise=generator --b "$FAST"
-bench px_bf16 "$PIXEL" --a "$FAST" --b "$FAST $BF16"
-bench ldm_bf16 "$LATENT" --a "$FAST" --b "$FAST $BF16"
-bench ldm_fp16 "$LATENT" --a "$FAST" --b "$FAST $FP16"
+bench px_bf16 "$PIXEL" --a "$FAST" --b "$FAST $(half bfloat16)"
+bench ldm_bf16 "$LATENT" --a "$FAST" --b "$FAST $(half bfloat16)"
+bench ldm_fp16 "$LATENT" --a "$FAST" --b "$FAST $(half float16)"
 bench px_fp32c "$PIXEL" --a "$FAST" --b "$FAST model.compile=default"
 bench ldm_fp32c "$LATENT" --a "$FAST" --b "$FAST +model.channels_last=true model.compile=default"
 random_model() {  # random_model MODEL: configs/model/MODEL.yaml's architecture with random weights in $SAVE/rand/MODEL

@@ -85,3 +85,21 @@ def test_bench_reads_an_older_commits_timing_without_the_stage_clocks():
     assert row["outside_vs_sampling"] == 3.0 and row["peak_GB"] is None
     assert all(row[k] is None for k in STAGES)
     assert cells(row, STAGES, ".2f") == " | ".join(["n/a"] * len(STAGES))
+
+
+def test_sweep_against_a_commit_without_job_clocks_says_so(tmp_path):
+    """--sweep needs job_started_unix; an older commit's sweep (timing.json without attempts) gets that message, not a
+    KeyError. The older commit is a stand-in posterior_sample.py that writes such a timing.json per job."""
+    code = tmp_path / "old"
+    code.mkdir()
+    (code / "posterior_sample.py").write_text(
+        "import json, pathlib, sys\n"
+        "save = pathlib.Path(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('save_dir=')))\n"
+        "for k in range(2):\n"
+        "    job = save / 'run' / f'run{k:03d}'\n"
+        "    job.mkdir(parents=True)\n"
+        "    (job / 'timing.json').write_text(json.dumps({'status': 'complete', 'sampling_wall_sec': 1.0}))\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_daps.py"), "--common", "seed=0", "--sides", "A",
+                        "--a-code", str(code), "--sweep", "seed=1,2", "--repeats", "1", "--save", str(tmp_path / "s")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--sweep needs a newer version" in r.stderr, r.stderr[-2000:]
