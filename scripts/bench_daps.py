@@ -70,7 +70,7 @@ def measure_sweep(code: Path, overrides: list[str], sweep: list[str], save: Path
     """One sweep (``-m``, the jobs in one process): a row per job, its wall from its start to the next job's."""
     start, end = launch(code, ["-m", *overrides, *sweep], save)
     timings = [json.loads((job / "timing.json").read_text()) for job in sorted((save / "run").glob("run[0-9]*"))]
-    if not timings or "job_started_unix" not in timings[0].get("attempts", [{}])[-1]:
+    if not timings or any("job_started_unix" not in (t.get("attempts") or [{}])[-1] for t in timings):
         sys.exit(f"bench_daps: {code} writes no job_started_unix in timing.json: --sweep needs a newer version")
     bounds = [start, *[t["attempts"][-1]["job_started_unix"] for t in timings[1:]], end]
     if any(b <= a for a, b in zip(bounds, bounds[1:])):

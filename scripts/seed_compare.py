@@ -65,7 +65,10 @@ def twin_pairs(base: list[dict], new: list[dict], names: list[tuple[str, str]]) 
     pairs, alone = [], 0
     for b_run, n_run, (b_name, n_name) in zip(base, new, names, strict=True):
         for key in ("seed", "noise"):
-            if key in b_run and key in n_run and b_run[key] != n_run[key]:
+            if key not in b_run or key not in n_run:
+                print(f"--paired: {b_name if key not in b_run else n_name} records no {key}: the pairing of "
+                      f"{b_name} with {n_name} is not checked for it", file=sys.stderr)
+            elif b_run[key] != n_run[key]:
                 raise SystemExit(f"--paired: {b_name} and {n_name} differ in {key} ({b_run[key]} and {n_run[key]}): "
                                  f"give the --new runs in the order of their --base twins")
         sides = []
@@ -119,6 +122,8 @@ def main() -> None:
         raise SystemExit(f"--paired pairs the k-th runs: give as many --new runs as --base runs "
                          f"({len(args.base)} and {len(args.new)})")
     sides = {"BASE": (args.base, [load(r) for r in args.base]), "NEW": (args.new, [load(r) for r in args.new])}
+    if args.paired:  # refused before anything is printed
+        pairs, alone = twin_pairs(sides["BASE"][1], sides["NEW"][1], list(zip(args.base, args.new)))
     every = set.intersection(*({int(im["index"]) for im in run["images"]} for _, runs in sides.values() for run in runs))
     print(f"images in every run: {len(every)}")
     print("| metric | side | run | mean over images of the per-image particle mean |\n|---|---|---|---|")
@@ -147,7 +152,6 @@ def main() -> None:
           "(BASE / NEW: not finished or not finite) |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.paired:
-        pairs, alone = twin_pairs(sides["BASE"][1], sides["NEW"][1], list(zip(args.base, args.new)))
         table = [row for m in args.metrics.split(",") if (row := paired_row(pairs, m, args.within))]
         print(f"\nParticles paired with their twin (same random numbers): run k of BASE with run k of NEW; "
               f"{len(pairs)} pairs finished on both sides, {alone} particle(s) without a twin\n"
