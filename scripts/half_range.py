@@ -16,7 +16,8 @@ x0hat (where the MCMC's chains start) and its decoder pulls phase retrieval's gr
 operation inside the networks, forward and backward (convolutions, attention scores, residual sums, activations),
 and keeps per network and pass the largest |value| of those that ran in float16, with the operation and, in the
 forward, the innermost module; a non-finite value of any dtype counts as the peak. On CUDA the autocast is the
-sampler's; on the CPU, torch's CPU autocast also runs the convolutions and matrix products in float16.
+model's own (`model.dtype=float16`); on the CPU, where the model runs no autocast, torch's CPU autocast around the
+same calls, which also runs the convolutions and matrix products in float16.
 
 Per network and pass the table gives that peak, 65504 / peak, the relative L2 error of the output (x0hat, the
 decoded image, the latents' gradient) against float32 at the worst sigma, and for the backward the share of its
@@ -124,12 +125,20 @@ def load_model(spec: str, device: torch.device) -> Denoiser:
     return build_model({**cfg, "dtype": "float32", "compile": "none", "channels_last": False}, device)
 
 
+def eps_net(model: Denoiser) -> torch.nn.Module:
+    """The part of ``model`` whose ``dtype`` sets the autocast of its networks (cores.models.VPEpsDenoiser)."""
+    return model.unet if model.latent else model
+
+
 def outputs(model: Denoiser, noisy: torch.Tensor, sigma: float, op: Operator, y: torch.Tensor,
             z: torch.Tensor | None, half: bool, peaks: Peaks | None) -> dict[tuple[str, str], torch.Tensor]:
     """x0hat = D(noisy, sigma); for a latent model the image decoded from ``z`` (default: x0hat) and the latents'
     gradient of phase retrieval's loss (cores.operators.LatentOperator.gradient's steps). The networks run under
-    float16 autocast when ``half``; the operator and the backward outside it, as in the sampler."""
-    cast = torch.autocast(noisy.device.type, dtype=torch.float16, enabled=half)
+    float16 autocast when ``half``; the operator and the backward outside it, as in the sampler. On CUDA the model's
+    own autocast does it (its dtype set as ``model.dtype=float16`` sets it); on the CPU, where the model's autocast is
+    off, torch's CPU autocast around the same calls."""
+    eps_net(model).dtype = torch.float16 if half else torch.float32
+    cast = torch.autocast("cpu", dtype=torch.float16, enabled=half and noisy.device.type == "cpu")
     with peaks if peaks is not None else contextlib.nullcontext():
         with torch.no_grad(), cast:
             x0hat = model.denoise(noisy, sigma)
@@ -154,7 +163,7 @@ def measure(model: Denoiser, images: torch.Tensor, sigmas: list[float], seed: in
     with torch.no_grad():
         clean = model.encode(images) if model.latent else images
     g = torch.Generator(device=images.device).manual_seed(seed)
-    handles = peaks.hook("unet", model.networks()[0])
+    handles, built = peaks.hook("unet", model.networks()[0]), eps_net(model).dtype
     if model.latent:
         handles += peaks.hook("decoder", model.autoencoder)
     try:
@@ -167,6 +176,7 @@ def measure(model: Denoiser, images: torch.Tensor, sigmas: list[float], seed: in
                 err = ((value.float() - ref[key]).norm() / ref[key].norm()).item()
                 errors[key] = err if math.isnan(err) else max(errors.get(key, 0.0), err)
     finally:
+        eps_net(model).dtype = built
         for h in handles:
             h.remove()
     return peaks, errors
