@@ -12,10 +12,11 @@ folder (cores.models.diffusers_model). At each noise level of ``--sigmas`` (defa
 levels and the ODE's small steps) the UNet denoises the first ``--n`` images of ``--images`` (a latent model's:
 their latents) plus sigma times Gaussian noise. A latent model's autoencoder then decodes the float32 run's estimate
 x0hat (where the MCMC's chains start) and its decoder pulls phase retrieval's gradient back to the latents
-(cores.operators.LatentOperator.gradient's steps; the images' own measurements). A torch dispatch mode sees every
-operation inside the networks, forward and backward (convolutions, attention scores, residual sums, activations),
-and keeps per network and pass the largest |value| of those that ran in float16, with the operation and, in the
-forward, the innermost module; a non-finite value of any dtype counts as the peak. On CUDA the autocast is the
+(cores.operators.LatentOperator.gradient's steps; the images' own measurements, with the operator of
+configs/task/phase_retrieval.yaml's ldm group). A torch dispatch mode sees every operation inside the networks,
+forward and backward (convolutions, attention scores, residual sums, activations), and keeps per network and pass
+the largest |value| of those that ran in float16, with the operation and, in the forward, the innermost module; a
+non-finite value of any dtype counts as the peak. On CUDA the autocast is the
 model's own (`model.dtype=float16`); on the CPU, where the model runs no autocast, torch's CPU autocast around the
 same calls, which also runs the convolutions and matrix products in float16.
 
@@ -50,6 +51,7 @@ from utils.device import get_device  # noqa: E402
 
 FP16_MAX, FP16_TINY = 65504.0, 6.103515625e-05  # float16's largest finite value and smallest normal
 UNINITIALISED = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+TASK = ROOT / "configs" / "task" / "phase_retrieval.yaml"  # the operator of its ldm group (the official LatentDAPS)
 DEFAULT_IMAGES = {1: ROOT / "dataset" / "test-fmnist", 3: ROOT / "dataset" / "demo-natural"}
 OUTPUTS = (("unet", "forward"), ("decoder", "forward"), ("decoder", "backward"))
 
@@ -158,7 +160,7 @@ def measure(model: Denoiser, images: torch.Tensor, sigmas: list[float], seed: in
     """At each sigma a float32 run, then a float16 run recorded by :class:`Peaks` on the same inputs (the decoder on
     the float32 run's x0hat); the float16 outputs' relative L2 error against float32, the worst over the sigmas."""
     peaks, errors = Peaks(), {}
-    op = build_operator({"name": "phase_retrieval", "oversample": 2.0, "sigma": 0.05})
+    op = build_operator(yaml.safe_load(TASK.read_text())["ldm"]["operator"])
     y = op(images)
     with torch.no_grad():
         clean = model.encode(images) if model.latent else images

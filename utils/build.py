@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -126,29 +127,19 @@ class KeptForSweep:
                 logging.getLogger(record.name).handle(record)
         else:
             del held  # the last reference to the object of another config: freed before the build
-            warnings = Warnings()
-            logging.getLogger().addHandler(warnings)
+            caught = BufferingHandler(capacity=math.inf)  # every record while attached, none flushed
+            caught.setLevel(logging.WARNING)
+            logging.getLogger().addHandler(caught)
             try:
                 obj = build()
             finally:
-                logging.getLogger().removeHandler(warnings)
-            warnings = warnings.records
+                logging.getLogger().removeHandler(caught)
+            warnings = caught.buffer
         self.kept[role] = (text, obj, warnings)
         return obj
 
     def clear(self) -> None:
         self.kept.clear()
-
-
-class Warnings(logging.Handler):
-    """The warning records logged while it is attached to a logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 KEPT = KeptForSweep()
