@@ -183,7 +183,8 @@ class Run:
         with StopSignals() as signals:
             try:
                 try:
-                    self.warm_up()
+                    with self.results.stage("warm_up"):
+                        self.warm_up()
                     for items in self.chunks():
                         self.run_chunk(items)
                 finally:
@@ -338,6 +339,8 @@ class Run:
             status, reason = "failed", f"MissingResults: {planned - finished} of {planned} image(s) have no results"
             log.error("failed: %s", reason)
         timing = self.results.finish(status, ranks, reason if status == "failed" else None)
+        log.info("outside sampling: %s (the final write included)",
+                 ", ".join(f"{name.replace('_', '-')} {sec:.2f} s" for name, sec in self.results.stages.items()))
         agg = self.results.recorder.aggregate()
         summary = ", ".join(f"{m} best {a['best_of_n']:.3f} mean {a['mean_of_n']:.3f}" for m, a in agg.items())
         if status == "complete":

@@ -43,7 +43,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("sampling_s_per_image", "sampling_s_per_particle", "end_to_end_s", "outside_vs_sampling", "peak_GB",
           "particle_nfe_per_s")
-STAGES = ("before_build_s", "build_s", "run_outside_sampling_s", "after_results_s")
+RUN_STAGES = ("warm_up", "scoring", "saving", "writing")  # utils/results.py's STAGES, read from older commits too
+STAGES = ("before_build_s", "build_s", "run_outside_sampling_s", *(f"{s}_s" for s in RUN_STAGES), "run_other_s",
+          "after_results_s")
 
 
 def launch(code: Path, overrides: list[str], save: Path) -> tuple[float, float]:
@@ -82,16 +84,22 @@ def measure_sweep(code: Path, overrides: list[str], sweep: list[str], save: Path
 
 def stages(timing: dict[str, Any], begin: float, end: float) -> dict[str, Any]:
     """Where a run's (or a sweep job's) time from ``begin`` to ``end`` went, in seconds: before its parts were built
-    (the process's imports and Hydra), building them, the run's clock up to its final timing.json outside sampling, and
-    after it (the grid, Hydra's end of the job, the next job's start; the process's exit for the last). A timing.json
-    without ``attempts`` (older commits, af9e5f8 among them) records none of these clocks: each is None."""
+    (the process's imports and Hydra), building them, the run's clock up to its final timing.json outside sampling,
+    split into the run's stage clocks (the warm-up's compiles, scoring, saving, writing; ``run_other_s`` is the rest:
+    opening the folder, the measurements, copies), and after it (the final write, the grid, Hydra's end of the job,
+    the next job's start; the process's exit for the last). A timing.json without ``attempts`` (older commits, af9e5f8
+    among them) records none of these clocks, one without ``stages_sec`` (before the twelfth session) not the split:
+    those are None."""
     if "attempts" not in timing:
         return dict.fromkeys(STAGES)
     attempt = timing["attempts"][-1]
     job = attempt.get("job_started_unix", attempt["started_unix"])
     written = timing["heartbeat_unix"]
-    return {"before_build_s": job - begin, "build_s": attempt["started_unix"] - job,
-            "run_outside_sampling_s": written - attempt["started_unix"] - timing["sampling_wall_sec"],
+    outside = written - attempt["started_unix"] - timing["sampling_wall_sec"]
+    clocks = attempt.get("stages_sec")
+    split = {f"{s}_s": clocks[s] if clocks else None for s in RUN_STAGES}
+    return {"before_build_s": job - begin, "build_s": attempt["started_unix"] - job, "run_outside_sampling_s": outside,
+            **split, "run_other_s": outside - sum(clocks[s] for s in RUN_STAGES) if clocks else None,
             "after_results_s": end - written}
 
 

@@ -30,6 +30,8 @@ def test_bench_alternates_and_reports(tmp_path):
         assert f"noise: {kind}" in config
         assert out["runs"][side][0]["sampling_s_per_particle"] > 0 and out["runs"][side][0]["particle_nfe_per_s"] > 0
     assert out["ratio"]["sampling_s_per_image"] > 0
+    for row in out["runs"]["A"] + out["runs"]["B"]:  # the run's stage clocks fit in its clock outside sampling
+        assert row["scoring_s"] > 0 and row["writing_s"] > 0 and row["run_other_s"] >= 0
     again = bench(tmp_path)
     assert again.returncode != 0 and "is not empty" in again.stderr
 
@@ -74,7 +76,8 @@ def test_profile_level_records_one_levels_ode_and_mcmc(tmp_path):
 
 def test_bench_reads_an_older_commits_timing_without_the_stage_clocks():
     """af9e5f8's timing.json (the issue's baseline) has no attempts or heartbeat: its fields come from the counters it
-    has, its stages are n/a in the table, and nothing raises."""
+    has, its stages are n/a in the table, and nothing raises. The tenth session's has the job's clocks but not the
+    run's stage clocks: those alone are n/a."""
     from scripts.bench_daps import STAGES, cells, fields, stages
 
     old = {"status": "complete", "images_done": 1, "sampling_wall_sec": 0.5, "sampling_per_image_sec": 0.5,
@@ -85,6 +88,10 @@ def test_bench_reads_an_older_commits_timing_without_the_stage_clocks():
     assert row["outside_vs_sampling"] == 3.0 and row["peak_GB"] is None
     assert all(row[k] is None for k in STAGES)
     assert cells(row, STAGES, ".2f") == " | ".join(["n/a"] * len(STAGES))
+    tenth = {**old, "heartbeat_unix": 101.5, "attempts": [{"started_unix": 100.5, "job_started_unix": 100.25}]}
+    row = stages(tenth, 100.0, 102.0)  # the tenth session's: job clocks, no stage clocks
+    assert row["build_s"] == 0.25 and row["run_outside_sampling_s"] == 0.5 and row["after_results_s"] == 0.5
+    assert row["scoring_s"] is None and row["run_other_s"] is None
 
 
 def test_sweep_against_a_commit_without_job_clocks_says_so(tmp_path):

@@ -40,6 +40,7 @@ from scripts.parse_metrics import run_status
 from utils.build import KEPT, KeptForSweep, UserError, build_run
 from utils.config import CONFIGS
 from utils.folder import MARKER
+from utils.metrics import Evaluator
 from utils.observer import RunLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,36 @@ def test_metrics_json_is_written_once_per_batch_not_per_image(tmp_path, monkeypa
     assert [img["index"] for img in metrics["images"]] == [0, 1, 2]
     if batch_size == 1:  # the reference's settings: the same records as written image by image before
         assert metrics["images"] == read(straight, "metrics.json")["images"]
+
+
+def test_time_outside_sampling_is_clocked_per_stage(tmp_path, monkeypatch, caplog):
+    """timing.json's attempt holds the warm-up, scoring, saving and writing clocks, each with its own injected delay
+    and none of the others' (3 images in 3 batches x 2 particles: 3 scorings, 6 samples saved, 3 grids before the
+    final write); together they fit in the run's clock outside sampling; run.log's last lines add the final write."""
+    import piq  # noqa: F401 - the first scoring imports it (about 2 s on 2 cores), which its clock would hold
+
+    delay = {"warm_up": 0.2, "scoring": 3 * 0.15, "saving": 6 * 0.1, "writing": 3 * 0.1}
+
+    def slowed(real, sec):
+        return lambda *a, **k: (time.sleep(sec), real(*a, **k))[1]
+    monkeypatch.setattr(utils.results, "save_png", slowed(utils.results.save_png, 0.1))
+    monkeypatch.setattr(utils.results, "save_grid", slowed(utils.results.save_grid, 0.1))
+    monkeypatch.setattr(Run, "warm_up", slowed(Run.warm_up, 0.2))
+    monkeypatch.setattr(Evaluator, "__call__", slowed(Evaluator.__call__, 0.15))
+    parts = build(f"save_dir={tmp_path}", "name=r")
+    with caplog.at_level(logging.INFO, logger="posterior_sample"):
+        assert Run(parts).execute() == 0
+    timing = read(tmp_path / "r", "timing.json")
+    stages = timing["attempts"][-1]["stages_sec"]
+    assert set(stages) == set(delay)
+    for name, sec in delay.items():
+        assert sec <= stages[name] < sec + 0.2, (name, stages)  # another stage's delay would add >= 0.2 s
+    outside = timing["heartbeat_unix"] - timing["attempts"][-1]["started_unix"] - timing["sampling_wall_sec"]
+    assert sum(stages.values()) <= outside
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("outside sampling: "))
+    logged = dict(part.rsplit(" ", 2)[:2] for part in line[len("outside sampling: "):].split(" (")[0].split(", "))
+    assert {k.replace("-", "_") for k in logged} == set(delay)
+    assert float(logged["writing"]) >= stages["writing"] and float(logged["scoring"]) == round(stages["scoring"], 2)
 
 
 def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path, monkeypatch):

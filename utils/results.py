@@ -15,11 +15,13 @@ lowest-loss pick), and metrics.json a run-level ``modes`` (docs/twins.md lists t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,11 @@ from utils.twins import PARTICLE_FIELDS, TWIN_METRIC, gt_twin_psnr, image_modes,
 
 GRID_MAX_IMAGES = 16
 HEARTBEAT_SEC = 10.0
+# An attempt's clocks outside sampling (timing.json's ``attempts[i].stages_sec``, rank 0's): the warm-up's compiles,
+# scoring the particles, saving each image's files (samples, per_image/<index>.json, the grid's copies) and rewriting
+# the run's files (metrics.json, eval.md, timing.json, the grid). Each holds its blocks' wall time up to the start of
+# the write that records it; the final write's own time is in run.log's last line.
+STAGES = ("warm_up", "scoring", "saving", "writing")
 
 
 def particle_stats(values: list[float | None], higher_is_better: bool) -> dict[str, Any]:
@@ -248,7 +255,18 @@ class RunResults:
         self.images_done = self.network_evals = self.particle_network_evals = 0
         self.finished_wall = self.finished_sampling = self.hard_dc_sec = 0.0
         self.used_levels: list[int] = []
+        self.stages = dict.fromkeys(STAGES, 0.0)
         self.started_unix, self.t0, self.last_beat = time.time(), time.perf_counter(), time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to the stage ``name`` of :data:`STAGES` (a block that waits for the device's
+        results, as scoring and saving do, holds the device's time too)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] += time.perf_counter() - start
 
     def add_sampling(self, used_levels: int, network_evals: int, particle_network_evals: int,
                      hard_dc_sec: float = 0.0) -> None:
@@ -264,39 +282,44 @@ class RunResults:
         ``ids`` are the particles' ParticleIds, in the rows of ``xs``; ``found`` (per particle): ``pruned_x0hat``,
         the x0hat of a pruned particle at its prune level (saved as samples/<image>_particle<k>_pruned.png), and
         ``parent``, the id of the survivor a branched clone copied, ``hard_dc``, its hard data consistency record."""
-        parts = self.parts
+        parts, twin = self.parts, self.recorder.mode_threshold_db is not None
         rows = [k for k, (st, _) in enumerate(status) if st == "ok"]
         scores: dict[str, list[float]] = {}
-        if rows:
-            y_norm = y.flatten().norm()
-            with torch.no_grad():
-                scores = parts.evaluator(gt.expand(len(rows), *gt.shape), xs[rows],
-                                         lambda x: parts.operator.loss(x, y.expand(len(x), *y.shape)).sqrt() / y_norm)
-            if self.recorder.mode_threshold_db is not None:
-                scores.update(particle_scores(gt, xs[rows], parts.operator.pad(gt.shape[-1]),
-                                              self.recorder.mode_threshold_db))
-        particles = []
-        for k, (st, at) in enumerate(status):
-            rec: dict[str, Any] = {"sample": ids[k].sample, "run": ids[k].run, "status": st, "stopped_at_level": at}
-            for m in self.fields:
-                rec[m] = scores[m][rows.index(k)] if st == "ok" else None
-            extra = (found or [{}] * len(status))[k]
-            for key in ("parent", "hard_dc"):
-                if extra.get(key) is not None:
-                    rec[key] = extra[key]
-            particles.append(rec)
-            if st == "ok" and parts.cfg.save_samples:
-                save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
-            if extra.get("pruned_x0hat") is not None and parts.cfg.save_samples:
-                save_png(extra["pruned_x0hat"], self.root / "samples" / f"{item.index:05d}_particle{k:02d}_pruned.png")
-        record = {"index": item.index, "name": item.name, "particles": particles}
-        if self.recorder.mode_threshold_db is not None:
-            record["gt_twin_psnr"] = gt_twin_psnr(gt, parts.operator.pad(gt.shape[-1]))
-        self.recorder.add_image(record)
+        with self.stage("scoring"):
+            if rows:
+                y_norm = y.flatten().norm()
+                with torch.no_grad():
+                    scores = parts.evaluator(gt.expand(len(rows), *gt.shape), xs[rows], lambda x: parts.operator.loss(
+                        x, y.expand(len(x), *y.shape)).sqrt() / y_norm)
+                if twin:
+                    scores.update(particle_scores(gt, xs[rows], parts.operator.pad(gt.shape[-1]),
+                                                  self.recorder.mode_threshold_db))
+            twin_psnr = gt_twin_psnr(gt, parts.operator.pad(gt.shape[-1])) if twin else None
+        with self.stage("saving"):
+            particles = []
+            for k, (st, at) in enumerate(status):
+                rec: dict[str, Any] = {"sample": ids[k].sample, "run": ids[k].run, "status": st,
+                                       "stopped_at_level": at}
+                for m in self.fields:
+                    rec[m] = scores[m][rows.index(k)] if st == "ok" else None
+                extra = (found or [{}] * len(status))[k]
+                for key in ("parent", "hard_dc"):
+                    if extra.get(key) is not None:
+                        rec[key] = extra[key]
+                particles.append(rec)
+                if st == "ok" and parts.cfg.save_samples:
+                    save_png(xs[k], self.root / "samples" / f"{item.index:05d}_particle{k:02d}.png")
+                if extra.get("pruned_x0hat") is not None and parts.cfg.save_samples:
+                    save_png(extra["pruned_x0hat"],
+                             self.root / "samples" / f"{item.index:05d}_particle{k:02d}_pruned.png")
+            record: dict[str, Any] = {"index": item.index, "name": item.name, "particles": particles}
+            if twin:
+                record["gt_twin_psnr"] = twin_psnr
+            self.recorder.add_image(record)
+            self.add_grid(item.index, gt, y, [xs[k] if s == "ok" else None for k, (s, _) in enumerate(status)])
         self.images_done += 1
         self.finished_wall = time.perf_counter() - self.t0
         self.finished_sampling = sum(p["wall_sec"] for p in self.timer.summary().values())
-        self.add_grid(item.index, gt, y, [xs[k] if s == "ok" else None for k, (s, _) in enumerate(status)])
 
     def batch_done(self) -> None:
         """After a batch's images are finished: metrics.json, eval.md, timing.json and the grid once (rank 0), not
@@ -330,12 +353,13 @@ class RunResults:
     def write(self, status: str, ranks: list[dict[str, Any]] | None = None, error: str | None = None
               ) -> dict[str, Any]:
         """metrics.json, eval.md and timing.json for the images finished so far (rank 0); returns the timing."""
-        timing = self.timing(status, ranks, error)
-        head = {k: timing[k] for k in ("pid", "host", "heartbeat_unix", "error") if k in timing}
-        self.recorder.write(status, {**head, "timing": timing,
-                                     "peak_memory": {k: v.get("peak_memory_bytes", v.get("peak_memory"))
-                                                     for k, v in timing["phases"].items()}})
-        dump_json(timing, self.root / "timing.json")
+        with self.stage("writing"):
+            timing = self.timing(status, ranks, error)
+            head = {k: timing[k] for k in ("pid", "host", "heartbeat_unix", "error") if k in timing}
+            self.recorder.write(status, {**head, "timing": timing,
+                                         "peak_memory": {k: v.get("peak_memory_bytes", v.get("peak_memory"))
+                                                         for k, v in timing["phases"].items()}})
+            dump_json(timing, self.root / "timing.json")
         self.last_beat = time.perf_counter()
         return timing
 
@@ -343,7 +367,7 @@ class RunResults:
         """This rank's measurements of this attempt."""
         return {"rank": self.parts.dist.rank, "device": str(self.parts.device), "images_done": self.images_done,
                 "wall_sec": time.perf_counter() - self.t0, "finished_wall_sec": self.finished_wall,
-                "finished_sampling_sec": self.finished_sampling,
+                "finished_sampling_sec": self.finished_sampling, "stages_sec": dict(self.stages),
                 "used_anneal_steps": max(self.used_levels, default=0),
                 "network_evals_per_particle": self.network_evals,
                 "particle_network_evals": self.particle_network_evals, "hard_dc_sec": self.hard_dc_sec,
@@ -364,7 +388,8 @@ class RunResults:
         who = process()
         attempt = {"job_started_unix": self.parts.started_unix, "started_unix": self.started_unix, "status": status,
                    "wall_sec": max(r["wall_sec"] for r in ranks),
-                   "images_done": sum(r["images_done"] for r in ranks), "pid": who["pid"], "host": who["host"]}
+                   "images_done": sum(r["images_done"] for r in ranks), "pid": who["pid"], "host": who["host"],
+                   "stages_sec": ranks[0]["stages_sec"]}
         out: dict[str, Any] = {"status": status, **who}
         if error is not None:
             out["error"] = attempt["error"] = error
@@ -397,9 +422,10 @@ class RunResults:
         encoding adm_base's 256 px grid took 1.5 s on the H100's host, under cProfile)."""
         if not self.grid or self.grid_saved:
             return
-        columns = [[g["gt"], g["y"], *g["x"]] for _, g in sorted(self.grid.items())]
-        rows = [[col[r] for col in columns] for r in range(2 + self.parts.particles_per_image)]
-        save_grid(rows, self.root / "grid_results.png")
+        with self.stage("writing"):
+            columns = [[g["gt"], g["y"], *g["x"]] for _, g in sorted(self.grid.items())]
+            rows = [[col[r] for col in columns] for r in range(2 + self.parts.particles_per_image)]
+            save_grid(rows, self.root / "grid_results.png")
         self.grid_saved = True
 
     def finish(self, status: str, ranks: list[dict[str, Any]] | None, error: str | None = None) -> dict[str, Any]:
