@@ -38,6 +38,13 @@
 #               100 steps) sizes
 #   startup     where a process's time before the run's clock goes: `python -X importtime` of posterior_sample, and
 #               cProfile of adm_base's B side for one level (STARTUP_EXTRA: more overrides, e.g. the compile)
+#   adm_e2e     the issue's end-to-end row: adm_base's workload with 1 particle per image (10 x 1), this checkout with
+#               FAST only, REPEATS runs each in its own process (on a fresh machine the first compiles into inductor's
+#               empty cache)
+#   adm_sweep   adm_base's workload (10 x 4), this checkout with FAST only, each of REPEATS runs one sweep over SWEEP
+#               (default "seed=1,2,3") in one process
+#   floor       scripts/startup_floor.py on the GPU: what a process pays before a run's own work (the interpreter,
+#               torch, the device ready, this repository's imports, diffusers' UNet module)
 #
 #   BASE_CODE=DIR bash scripts/speed_device.sh SAVE_DIR N_IMAGES [BATCH_SIZE=20] [RUNS=all]
 #
@@ -121,6 +128,16 @@ ADM="+sampler=edm_daps task_group=pixel_hmc +sampler.diffusion_scheduler_config.
 LDM="+sampler=latent_edm_daps task_group=ldm"
 natural adm_base ffhq256ddpm "$ADM" 10 4
 natural ldm256_base ffhq256ldm "$LDM" 10 1
+own() {  # own NAME SAMPLES [bench_daps.py options]: the ADM's 10 images x SAMPLES, this checkout with FAST only
+    local name=$1 samples=$2; shift 2
+    device_selected "$name" || return 0
+    random_model ffhq256ddpm
+    device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --sides B --save "$SAVE/$name" \
+        --json "$SAVE/$name.json" --b "$FAST" --common "$(natural_run ffhq256ddpm "$ADM" 10 "$samples") \
+${SPEED_OVERRIDES:-}" "$@"
+}
+own adm_e2e 1
+own adm_sweep 4 --sweep "${SWEEP:-seed=1,2,3}"
 if device_selected ckpt_adm; then
     random_model ffhq256ddpm
     device_run ckpt_adm ckpt_adm $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/ckpt_adm" \
@@ -160,3 +177,4 @@ startup() {  # the imports (-X importtime, the 25 slowest) and a cProfile of one
         "$SAVE/startup_adm.prof" > "$SAVE/startup_adm_stats.txt" 2>&1
 }
 startup
+device_run floor startup_floor $PY scripts/startup_floor.py --device "cuda:$GPU" --repeats 3

@@ -1,6 +1,7 @@
 """scripts/bench_daps.py: A/B runs alternate, each side's overrides reach its runs, the table and the JSON hold every
 run, the medians and the ratio; a non-empty save folder is refused. scripts/bench_pr_gradient.py times both gradients
-and checks that they agree; scripts/bench_noise.py times each noise kind; scripts/profile_level.py profiles one level."""
+and checks that they agree; scripts/bench_noise.py times each noise kind; scripts/profile_level.py profiles one level;
+scripts/startup_floor.py prints a process's fixed costs."""
 import json
 import subprocess
 import sys
@@ -110,3 +111,21 @@ def test_sweep_against_a_commit_without_job_clocks_says_so(tmp_path):
                         "--a-code", str(code), "--sweep", "seed=1,2", "--repeats", "1", "--save", str(tmp_path / "s")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--sweep needs a newer version" in r.stderr, r.stderr[-2000:]
+
+
+def test_startup_floor_prints_each_step_and_its_share_of_sampling(monkeypatch, capsys):
+    """scripts/startup_floor.py: one row per step (the unmeasured first run of each command not counted), the median,
+    min and max of the repeats, and the share of --sampling-sec; the steps' commands run in a fresh interpreter."""
+    from scripts import startup_floor
+
+    assert startup_floor.wall("pass") > 0
+    commands = [code for _, code in startup_floor.steps("cpu")]
+    assert "torch.zeros(1, device='cpu')" in commands[2] and "UNet2DModel" in commands[4]
+    subprocess.run([sys.executable, "-c", commands[3]], cwd=ROOT, check=True)  # this repository's imports work
+    clock = iter([9.0, 1.0, 3.0, 2.0] * len(commands))  # per step: the unmeasured run, then three repeats
+    monkeypatch.setattr(startup_floor, "wall", lambda code: next(clock))
+    monkeypatch.setattr(sys, "argv", ["startup_floor.py", "--repeats", "3", "--sampling-sec", "40"])
+    startup_floor.main()
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {name}" for name, _ in startup_floor.steps("cpu")]
+    assert all(r.endswith("| 2.000 | 1.000 | 3.000 | 5.0% |") for r in rows)
