@@ -340,7 +340,7 @@ class Run:
             log.error("failed: %s", reason)
         timing = self.results.finish(status, ranks, reason if status == "failed" else None)
         log.info("outside sampling: %s (the final write included)",
-                 ", ".join(f"{name.replace('_', '-')} {sec:.2f} s" for name, sec in self.results.stages.items()))
+                 ", ".join(f"{name} {sec:.2f} s" for name, sec in self.results.stages.items()))
         agg = self.results.recorder.aggregate()
         summary = ", ".join(f"{m} best {a['best_of_n']:.3f} mean {a['mean_of_n']:.3f}" for m, a in agg.items())
         if status == "complete":

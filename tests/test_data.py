@@ -1,7 +1,8 @@
-"""Image folders: ordering, id range, channels, resize/crop with a warning, clear errors."""
+"""Image folders: ordering, id range, channels, resize/crop with a warning, clear errors; result grids."""
 import logging
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import save_images
@@ -29,3 +30,25 @@ def test_errors_name_the_folder(tmp_path):
     save_images(tmp_path / "b", 2, 16)
     with pytest.raises(ValueError, match="empty range"):
         build_dataset({"name": "image", "root": str(tmp_path / "b"), "resolution": 16, "start_id": 5})
+
+
+def test_grid_of_tensors_or_uint8_cells_saves_each_pixel_as_its_image(tmp_path):
+    """save_grid: a cell given as a tensor in [-1, 1] or as its to_uint8 array lands unchanged at its place (NaN
+    black); None cells and the padding are white; grayscale stays one channel."""
+    import numpy as np
+    from PIL import Image
+
+    from utils.images import save_grid, to_uint8
+
+    g = torch.Generator().manual_seed(0)
+    for c in (3, 1):
+        a, b = torch.rand(c, 5, 7, generator=g) * 2 - 1, torch.rand(c, 5, 7, generator=g) * 2 - 1
+        b[:, 1, 2] = float("nan")
+        save_grid([[a, None], [to_uint8(b)]], tmp_path / "g.png", pad=2)
+        grid = np.array(Image.open(tmp_path / "g.png"))
+        assert grid.shape[:2] == (2 + 2 * 7, 2 + 2 * 9) and grid.ndim == (3 if c == 3 else 2)
+        assert (grid[2:7, 2:9] == to_uint8(a)).all() and (grid[9:14, 2:9] == to_uint8(b)).all()
+        assert (grid[9:14, 2:9][1, 2] == 0).all()
+        white = np.ones(grid.shape[:2], bool)
+        white[2:7, 2:9] = white[9:14, 2:9] = False
+        assert (grid[white] == 255).all()

@@ -209,8 +209,8 @@ def test_time_outside_sampling_is_clocked_per_stage(tmp_path, monkeypatch, caplo
     assert sum(stages.values()) <= outside
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("outside sampling: "))
     logged = dict(part.rsplit(" ", 2)[:2] for part in line[len("outside sampling: "):].split(" (")[0].split(", "))
-    assert {k.replace("-", "_") for k in logged} == set(delay)
-    assert float(logged["writing"]) >= stages["writing"] and float(logged["scoring"]) == round(stages["scoring"], 2)
+    assert set(logged) == set(delay)
+    assert float(logged["writing"]) >= stages["writing"] - 0.005 and float(logged["scoring"]) == round(stages["scoring"], 2)
 
 
 def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path, monkeypatch):

@@ -10,9 +10,10 @@ from PIL import Image
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) uint8; NaN shown as black."""
-    x = torch.nan_to_num(img.detach().float().cpu(), nan=-1.0).clamp(-1, 1)
-    arr = ((x + 1) * 127.5).round().to(torch.uint8).numpy()
+    """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) uint8 on the CPU, converted on the image's device (a quarter of
+    the bytes to copy); NaN shown as black."""
+    x = torch.nan_to_num(img.detach().float(), nan=-1.0).clamp(-1, 1)
+    arr = ((x + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
 
 
@@ -20,15 +21,19 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     Image.fromarray(to_uint8(img)).save(path)
 
 
-def save_grid(rows: Sequence[Sequence[torch.Tensor | None]], path: Path, pad: int = 2) -> None:
-    """Save a grid of (C, H, W) images given row by row; ``None`` cells stay white."""
-    cells = [c for row in rows for c in row if c is not None]
-    c, h, w = cells[0].shape
+def save_grid(rows: Sequence[Sequence[torch.Tensor | np.ndarray | None]], path: Path, pad: int = 2) -> None:
+    """Save a grid of images given row by row, each a (C, H, W) tensor in [-1, 1] or its :func:`to_uint8` array;
+    ``None`` cells stay white. zlib level 1, not PIL's default 6: a run rewrites its grid after every batch, and
+    writing the run's files (mostly this grid) took 1.6-1.9 s per job of an ADM sweep at 10 images x 4 particles on
+    the H100's host (docs/benchmarks.md, twelfth session); level 1 gives the same pixels in a slightly larger file."""
+    cells = [[c if c is None or isinstance(c, np.ndarray) else to_uint8(c) for c in row] for row in rows]
+    first = next(c for row in cells for c in row if c is not None)
+    h, w = first.shape[:2]
     ncol = max(len(r) for r in rows)
-    canvas = torch.ones(c, len(rows) * (h + pad) + pad, ncol * (w + pad) + pad)
-    for i, row in enumerate(rows):
+    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, *first.shape[2:]), 255, np.uint8)
+    for i, row in enumerate(cells):
         for j, cell in enumerate(row):
             if cell is not None:
                 top, left = pad + i * (h + pad), pad + j * (w + pad)
-                canvas[:, top:top + h, left:left + w] = cell.detach().float().cpu()
-    save_png(canvas, path)
+                canvas[top:top + h, left:left + w] = cell
+    Image.fromarray(canvas).save(path, compress_level=1)

@@ -29,7 +29,7 @@ import torch
 
 from utils.data import load_image
 from utils.events import PhaseTimer, dump_json
-from utils.images import save_grid, save_png
+from utils.images import save_grid, save_png, to_uint8
 from utils.metrics import HIGHER_IS_BETTER
 from utils.twins import PARTICLE_FIELDS, TWIN_METRIC, gt_twin_psnr, image_modes, particle_scores, run_modes
 
@@ -338,8 +338,8 @@ class RunResults:
         """Keep the grid column of ``index`` if it is among the :data:`GRID_MAX_IMAGES` lowest indices so far."""
         if len(self.grid) >= GRID_MAX_IMAGES and index > max(self.grid):
             return
-        self.grid[index] = {"gt": gt.cpu(), "y": self.parts.operator.view(y[None], gt.shape)[0].cpu(),
-                            "x": [x.cpu() if x is not None else None for x in xs]}
+        self.grid[index] = {"gt": to_uint8(gt), "y": to_uint8(self.parts.operator.view(y[None], gt.shape)[0]),
+                            "x": [to_uint8(x) if x is not None else None for x in xs]}
         if len(self.grid) > GRID_MAX_IMAGES:
             del self.grid[max(self.grid)]
         self.grid_saved = False
