@@ -89,14 +89,16 @@ def stages(timing: dict[str, Any], begin: float, end: float) -> dict[str, Any]:
     opening the folder, the measurements, copies), and after it (the final write, the grid, Hydra's end of the job,
     the next job's start; the process's exit for the last). A timing.json without ``attempts`` (older commits, af9e5f8
     among them) records none of these clocks, one without ``stages_sec`` (before the twelfth session) not the split:
-    those are None."""
+    those are None. So is the split of a resumed run (its sampling time covers every attempt) or of several ranks
+    (the stages are rank 0's, the sampling time the slowest rank's)."""
     if "attempts" not in timing:
         return dict.fromkeys(STAGES)
     attempt = timing["attempts"][-1]
     job = attempt.get("job_started_unix", attempt["started_unix"])
     written = timing["heartbeat_unix"]
     outside = written - attempt["started_unix"] - timing["sampling_wall_sec"]
-    clocks = attempt.get("stages_sec")
+    one = len(timing["attempts"]) == 1 and timing.get("world_size", 1) == 1
+    clocks = attempt.get("stages_sec") if one else None
     split = {f"{s}_s": clocks[s] if clocks else None for s in RUN_STAGES}
     return {"before_build_s": job - begin, "build_s": attempt["started_unix"] - job, "run_outside_sampling_s": outside,
             **split, "run_other_s": outside - sum(clocks[s] for s in RUN_STAGES) if clocks else None,

@@ -115,29 +115,22 @@ natural_run() {  # natural_run MODEL SAMPLER_GROUPS IMAGES SAMPLES: the override
     echo "+data=demo-natural +task=phase_retrieval +model.name=diffusers +model.path=$SAVE/rand/$1 $2 data.end_id=$3 \
 batch_size=$3 num_samples=$4 gpu=$GPU eval_fn_list=[psnr] save_samples=false"
 }
-natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES: a 256 px architecture with random weights, BASE_CODE
-    local name=$1 model=$2   # against FAST
+natural() {  # natural NAME MODEL SAMPLER_GROUPS IMAGES SAMPLES [bench_daps.py options]: a 256 px architecture with
+    local name=$1 model=$2 groups=$3 images=$4 samples=$5   # random weights, BASE_CODE against FAST
+    shift 5
     device_selected "$name" || return 0
     random_model "$model"
     device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/$name" \
         --json "$SAVE/$name.json" --a-code "${BASE_CODE:-.}" --b "$FAST" \
-        --common "$(natural_run "$model" "$3" "$4" "$5") ${SPEED_OVERRIDES:-}"
+        --common "$(natural_run "$model" "$groups" "$images" "$samples") ${SPEED_OVERRIDES:-}" "$@"
     flat_metrics "$name"
 }
 ADM="+sampler=edm_daps task_group=pixel_hmc +sampler.diffusion_scheduler_config.solver=euler"
 LDM="+sampler=latent_edm_daps task_group=ldm"
 natural adm_base ffhq256ddpm "$ADM" 10 4
 natural ldm256_base ffhq256ldm "$LDM" 10 1
-own() {  # own NAME SAMPLES [bench_daps.py options]: the ADM's 10 images x SAMPLES, this checkout with FAST only
-    local name=$1 samples=$2; shift 2
-    device_selected "$name" || return 0
-    random_model ffhq256ddpm
-    device_run "$name" "$name" $PY scripts/bench_daps.py --repeats "$REPEATS" --sides B --save "$SAVE/$name" \
-        --json "$SAVE/$name.json" --b "$FAST" --common "$(natural_run ffhq256ddpm "$ADM" 10 "$samples") \
-${SPEED_OVERRIDES:-}" "$@"
-}
-own adm_e2e 1
-own adm_sweep 4 --sweep "${SWEEP:-seed=1,2,3}"
+natural adm_e2e ffhq256ddpm "$ADM" 10 1 --sides B
+natural adm_sweep ffhq256ddpm "$ADM" 10 4 --sides B --sweep "${SWEEP:-seed=1,2,3}"
 if device_selected ckpt_adm; then
     random_model ffhq256ddpm
     device_run ckpt_adm ckpt_adm $PY scripts/bench_daps.py --repeats "$REPEATS" --save "$SAVE/ckpt_adm" \

@@ -78,8 +78,10 @@ def test_profile_level_records_one_levels_ode_and_mcmc(tmp_path):
 def test_bench_reads_an_older_commits_timing_without_the_stage_clocks():
     """af9e5f8's timing.json (the issue's baseline) has no attempts or heartbeat: its fields come from the counters it
     has, its stages are n/a in the table, and nothing raises. The tenth session's has the job's clocks but not the
-    run's stage clocks: those alone are n/a."""
-    from scripts.bench_daps import STAGES, cells, fields, stages
+    run's stage clocks: those alone are n/a, as they are for a resumed run or several ranks; a single attempt's split
+    leaves the rest of the run's clock outside sampling in run_other_s."""
+    from scripts.bench_daps import RUN_STAGES, STAGES, cells, fields, stages
+    from utils.results import STAGES as STAGES_OF_A_RUN
 
     old = {"status": "complete", "images_done": 1, "sampling_wall_sec": 0.5, "sampling_per_image_sec": 0.5,
            "particles_per_image": 2, "network_evals_per_particle": 2, "world_size": 1,
@@ -93,6 +95,12 @@ def test_bench_reads_an_older_commits_timing_without_the_stage_clocks():
     row = stages(tenth, 100.0, 102.0)  # the tenth session's: job clocks, no stage clocks
     assert row["build_s"] == 0.25 and row["run_outside_sampling_s"] == 0.5 and row["after_results_s"] == 0.5
     assert row["scoring_s"] is None and row["run_other_s"] is None
+    stages_sec = dict.fromkeys(RUN_STAGES, 0.1)
+    now = {**tenth, "attempts": [{**tenth["attempts"][0], "stages_sec": stages_sec}]}
+    assert abs(stages(now, 100.0, 102.0)["run_other_s"] - 0.1) < 1e-9  # 0.5 s outside sampling, 4 x 0.1 in stages
+    for split_off in ({**now, "world_size": 2}, {**now, "attempts": [{"status": "failed"}, *now["attempts"]]}):
+        assert stages(split_off, 100.0, 102.0)["scoring_s"] is None  # several ranks; a resumed run
+    assert RUN_STAGES == STAGES_OF_A_RUN  # the script's copy of utils/results.py's names
 
 
 def test_sweep_against_a_commit_without_job_clocks_says_so(tmp_path):

@@ -34,7 +34,8 @@ def test_errors_name_the_folder(tmp_path):
 
 def test_grid_of_tensors_or_uint8_cells_saves_each_pixel_as_its_image(tmp_path):
     """save_grid: a cell given as a tensor in [-1, 1] or as its to_uint8 array lands unchanged at its place (NaN
-    black); None cells and the padding are white; grayscale stays one channel."""
+    black); None cells and the padding are white; grayscale stays one channel, or shows gray in an RGB grid; a grid
+    of None cells or a non-uint8 array is refused with what to do."""
     import numpy as np
     from PIL import Image
 
@@ -52,3 +53,11 @@ def test_grid_of_tensors_or_uint8_cells_saves_each_pixel_as_its_image(tmp_path):
         white = np.ones(grid.shape[:2], bool)
         white[2:7, 2:9] = white[9:14, 2:9] = False
         assert (grid[white] == 255).all()
+    rgb, gray = torch.rand(3, 5, 7, generator=g) * 2 - 1, torch.rand(1, 5, 7, generator=g) * 2 - 1
+    save_grid([[rgb, gray]], tmp_path / "g.png", pad=2)  # a grayscale cell in an RGB grid
+    grid = np.array(Image.open(tmp_path / "g.png"))
+    assert grid.ndim == 3 and (grid[2:7, 11:18] == to_uint8(gray)[..., None]).all()
+    with pytest.raises(ValueError, match="every cell is None"):
+        save_grid([[None]], tmp_path / "n.png")
+    with pytest.raises(TypeError, match="must be uint8"):
+        save_grid([[np.zeros((5, 7), np.float32)]], tmp_path / "f.png")

@@ -22,18 +22,24 @@ def save_png(img: torch.Tensor, path: Path) -> None:
 
 
 def save_grid(rows: Sequence[Sequence[torch.Tensor | np.ndarray | None]], path: Path, pad: int = 2) -> None:
-    """Save a grid of images given row by row, each a (C, H, W) tensor in [-1, 1] or its :func:`to_uint8` array;
-    ``None`` cells stay white. zlib level 1, not PIL's default 6: a run rewrites its grid after every batch, and
-    writing the run's files (mostly this grid) took 1.6-1.9 s per job of an ADM sweep at 10 images x 4 particles on
-    the H100's host (docs/benchmarks.md, twelfth session); level 1 gives the same pixels in a slightly larger file."""
+    """Save a grid of images given row by row, each a (C, H, W) tensor in [-1, 1] or its :func:`to_uint8` array, all
+    of one height and width (grayscale cells are shown in gray in an RGB grid); ``None`` cells stay white. zlib level
+    1, not PIL's default 6: a run rewrites its grid after every batch, and writing the run's files (mostly this grid)
+    took 1.2-1.9 s per job of an ADM sweep at 10 images x 4 particles on the H100's host (docs/benchmarks.md,
+    twelfth session); level 1 gives the same pixels in a slightly larger file."""
     cells = [[c if c is None or isinstance(c, np.ndarray) else to_uint8(c) for c in row] for row in rows]
-    first = next(c for row in cells for c in row if c is not None)
-    h, w = first.shape[:2]
+    given = [c for row in cells for c in row if c is not None]
+    if not given:
+        raise ValueError(f"save_grid: no image to save in {path} (every cell is None)")
+    if any(c.dtype != np.uint8 for c in given):
+        raise TypeError("save_grid: an array cell must be uint8, as to_uint8 returns (a tensor cell is converted)")
+    h, w = given[0].shape[:2]
+    rgb = any(c.ndim == 3 for c in given)
     ncol = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, *first.shape[2:]), 255, np.uint8)
+    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, *((3,) if rgb else ())), 255, np.uint8)
     for i, row in enumerate(cells):
         for j, cell in enumerate(row):
             if cell is not None:
                 top, left = pad + i * (h + pad), pad + j * (w + pad)
-                canvas[top:top + h, left:left + w] = cell
+                canvas[top:top + h, left:left + w] = cell[..., None] if rgb and cell.ndim == 2 else cell
     Image.fromarray(canvas).save(path, compress_level=1)

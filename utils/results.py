@@ -38,7 +38,7 @@ HEARTBEAT_SEC = 10.0
 # An attempt's clocks outside sampling (timing.json's ``attempts[i].stages_sec``, rank 0's): the warm-up's compiles,
 # scoring the particles, saving each image's files (samples, per_image/<index>.json, the grid's copies) and rewriting
 # the run's files (metrics.json, eval.md, timing.json, the grid). Each holds its blocks' wall time up to the start of
-# the write that records it; the final write's own time is in run.log's last line.
+# the write that records it; run.log's ``outside sampling:`` line adds the final write.
 STAGES = ("warm_up", "scoring", "saving", "writing")
 
 
@@ -262,6 +262,8 @@ class RunResults:
     def stage(self, name: str) -> Iterator[None]:
         """Add the block's wall time to the stage ``name`` of :data:`STAGES` (a block that waits for the device's
         results, as scoring and saving do, holds the device's time too)."""
+        if name not in self.stages:
+            raise ValueError(f"unknown stage {name!r}: one of {', '.join(STAGES)}")
         start = time.perf_counter()
         try:
             yield
@@ -335,8 +337,9 @@ class RunResults:
         self.add_grid(item.index, gt, y, [load_image(p, gt.shape[0]) if p.is_file() else None for p in paths])
 
     def add_grid(self, index: int, gt: torch.Tensor, y: torch.Tensor, xs: list[torch.Tensor | None]) -> None:
-        """Keep the grid column of ``index`` if it is among the :data:`GRID_MAX_IMAGES` lowest indices so far."""
-        if len(self.grid) >= GRID_MAX_IMAGES and index > max(self.grid):
+        """Keep the grid column of ``index`` if it is among the :data:`GRID_MAX_IMAGES` lowest indices so far (rank 0,
+        which writes the grid), as bytes."""
+        if not self.parts.dist.main or (len(self.grid) >= GRID_MAX_IMAGES and index > max(self.grid)):
             return
         self.grid[index] = {"gt": to_uint8(gt), "y": to_uint8(self.parts.operator.view(y[None], gt.shape)[0]),
                             "x": [to_uint8(x) if x is not None else None for x in xs]}
@@ -418,8 +421,7 @@ class RunResults:
         return out
 
     def write_grid(self) -> None:
-        """grid_results.png, unless it already shows the current columns (the last batch's write, at the finish:
-        encoding adm_base's 256 px grid took 1.5 s on the H100's host, under cProfile)."""
+        """grid_results.png, unless it already shows the current columns (the last batch's write, at the finish)."""
         if not self.grid or self.grid_saved:
             return
         with self.stage("writing"):
