@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from cores.models import Denoiser, build_model  # noqa: E402
 from cores.operators import Operator, build_operator  # noqa: E402
-from utils.data import fit_to, load_image  # noqa: E402
+from utils.data import image_folder  # noqa: E402
 from utils.device import get_device  # noqa: E402
 
 FP16_MAX, FP16_TINY = 65504.0, 6.103515625e-05  # float16's largest finite value and smallest normal
@@ -218,12 +218,13 @@ def main() -> None:
     model = load_model(args.model, device)
     channels, size = model.image_shape[0], model.image_shape[-1]
     folder = Path(args.images) if args.images else DEFAULT_IMAGES.get(channels, Path("."))
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[: args.n]
-    if not files:
-        raise SystemExit(f"no png/jpg images in {folder.resolve()}: give --images")
-    images = torch.stack([fit_to(load_image(f, channels), size, f.name) for f in files]).to(device)
+    try:
+        items = image_folder(str(folder), size, end_id=args.n, channels=channels)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--images: {err}") from None
+    images = torch.stack([it.image for it in items]).to(device)
     table, flagged = report(*measure(model, images, [float(s) for s in args.sigmas.split(",")]), args.margin)
-    print(f"{args.model}: {len(files)} image(s) of {folder}, sigmas {args.sigmas}, float16 autocast against float32 "
+    print(f"{args.model}: {len(items)} image(s) of {folder}, sigmas {args.sigmas}, float16 autocast against float32 "
           f"on {device}\n\n{table}")
     sys.exit(1 if flagged else 0)
 
